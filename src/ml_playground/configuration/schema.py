@@ -1,0 +1,222 @@
+"""The configuration schema: one strict Pydantic model per TOML section.
+
+Defaults are not written here: they live in the packaged `default.toml`, which the loader
+merges under every experiment file, so every field below is required once merged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Trainer arguments the project builds itself: a user value would silently fight ours.
+MANAGED_TRAINER_KEYS = {
+    "callbacks": "use the [checkpointing] section; callbacks are built by ml-playground",
+    "logger": "logs always go to TensorBoard under log_dir",
+    "plugins": "ml-playground installs its own checkpoint I/O plugin",
+    "enable_checkpointing": "use [checkpointing] keep.last / keep.best (0 disables a kind)",
+    "default_root_dir": "use log_dir and checkpointing.dirpath",
+}
+
+
+# TOML has no null; in [trainer] this string stands for Python's None (as in jsonargparse).
+NULL = "null"
+
+
+class Section(BaseModel):
+    """Strict, closed, immutable: a typo or a wrong type is an error, never ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class PrepareConfig(Section):
+    """How `prepare` turns a raw corpus into train.bin / val.bin / meta.pkl."""
+
+    source: str = Field(
+        description="URL (downloaded once into the cache) or local file of the raw corpus; "
+        "relative paths resolve against the config file"
+    )
+    source_sha256: str = Field(
+        description='expected sha256 of the raw corpus; "" skips the check',
+        pattern=r"^([0-9a-f]{64})?$",
+    )
+    tokenizer: str = Field(
+        description='"char" (one token per character) or "tiktoken:<encoding>", e.g. tiktoken:gpt2',
+        pattern=r"^(char|tiktoken:[A-Za-z0-9_.-]+)$",
+    )
+    val_fraction: float = Field(
+        description="share of the corpus held out for validation (the last part of the text)",
+        gt=0.0,
+        lt=1.0,
+    )
+
+
+class DataConfig(Section):
+    """Where the prepared tokens are and how batches are drawn from them."""
+
+    dataset_dir: Path = Field(
+        description="folder with train.bin, val.bin and meta.pkl ({experiment} is replaced)"
+    )
+    batch_size: int = Field(description="sequences per micro-batch (per device)", gt=0)
+    block_size: int = Field(description="tokens per training sequence", gt=0)
+    val_batches: int = Field(
+        description="batches in the fixed validation set (evenly spaced windows of val.bin)",
+        gt=0,
+    )
+    num_workers: int = Field(description="DataLoader worker processes (0: load in-process)", ge=0)
+    pin_memory: bool = Field(description="pin host memory for faster copies to a GPU")
+
+
+class ModelConfig(Section):
+    """The GPT's shape, its optimizer and learning-rate schedule."""
+
+    n_layer: int = Field(description="transformer blocks", gt=0)
+    n_head: int = Field(description="attention heads per block", gt=0)
+    n_embd: int = Field(description="embedding width (a multiple of n_head)", gt=0)
+    block_size: int = Field(description="context length the model supports", gt=0)
+    dropout: float = Field(description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0)
+    bias: bool = Field(description="biases in Linear and LayerNorm layers (GPT-2: true)")
+    learning_rate: float = Field(description="peak learning rate of AdamW", gt=0.0)
+    min_lr: float = Field(description="learning rate at the end of the cosine decay", ge=0.0)
+    warmup_steps: int = Field(description="optimizer steps of linear warmup", ge=0)
+    lr_decay_steps: int = Field(
+        description="optimizer step at which the cosine decay reaches min_lr", gt=0
+    )
+    weight_decay: float = Field(description="AdamW weight decay (matrices only)", ge=0.0)
+    beta1: float = Field(description="AdamW beta1", gt=0.0, lt=1.0)
+    beta2: float = Field(description="AdamW beta2", gt=0.0, lt=1.0)
+    compile: bool = Field(description="wrap the model in torch.compile")
+
+    @model_validator(mode="after")
+    def _check_shape_and_schedule(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.warmup_steps > self.lr_decay_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed "
+                f"lr_decay_steps ({self.lr_decay_steps})"
+            )
+        if self.min_lr > self.learning_rate:
+            raise ValueError(
+                f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
+            )
+        return self
+
+
+class KeepConfig(Section):
+    """How many checkpoint files of each kind stay on disk (0 disables that kind)."""
+
+    last: int = Field(description="ckpt_last_* files kept (the newest)", ge=0)
+    best: int = Field(description="ckpt_best_* files kept (the best)", ge=0)
+
+
+class CheckpointingConfig(Section):
+    """Where checkpoints go, when they are written and how many are kept."""
+
+    dirpath: Path = Field(description="checkpoint folder ({experiment} is replaced)")
+    every_n_steps: int = Field(description="write a last checkpoint every N optimizer steps", gt=0)
+    metric: str = Field(description="logged metric that decides the best checkpoint")
+    mode: Literal["min", "max"] = Field(description="whether a lower or a higher metric is better")
+    keep: KeepConfig
+
+
+class SampleConfig(Section):
+    """How `sample` generates text."""
+
+    ckpt: str = Field(description='"best", "last" or a checkpoint file', min_length=1)
+    prompt: str = Field(description='text to continue, or "FILE:path" to read it from a file')
+    num_samples: int = Field(description="samples generated together in one batch", gt=0)
+    max_new_tokens: int = Field(description="tokens generated per sample", gt=0)
+    temperature: float = Field(description="softmax temperature; 0 means greedy", ge=0.0)
+    top_k: int = Field(description="sample among the k likeliest tokens; 0 disables", ge=0)
+    top_p: float = Field(description="nucleus sampling mass; 1.0 disables", gt=0.0, le=1.0)
+    seed: int = Field(description="random seed of the sampler")
+
+
+class ExperimentConfig(Section):
+    """A whole experiment: every section of the TOML file, validated together."""
+
+    experiment: str = Field(
+        description="name of the run, used for log and checkpoint folders",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    )
+    seed_everything: int = Field(description="global random seed (torch, numpy, python, data)")
+    log_dir: Path = Field(description="TensorBoard logs go to <log_dir>/<experiment>/version_N")
+    prepare: PrepareConfig
+    data: DataConfig
+    model: ModelConfig
+    trainer: dict[str, Any] = Field(description="keyword arguments of lightning.Trainer")
+    checkpointing: CheckpointingConfig
+    sample: SampleConfig
+
+    @field_validator("trainer")
+    @classmethod
+    def _check_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        adapters = _trainer_adapters()
+        value = {key: None if item == NULL else item for key, item in value.items()}
+        for key, item in value.items():
+            if key in MANAGED_TRAINER_KEYS:
+                raise ValueError(f"trainer.{key} cannot be set: {MANAGED_TRAINER_KEYS[key]}")
+            if key not in adapters:
+                raise ValueError(
+                    f"trainer.{key} is not an argument of lightning.Trainer "
+                    f"(valid: {', '.join(sorted(adapters))})"
+                )
+            try:
+                adapters[key].validate_python(item)
+            except ValidationError:
+                raise ValueError(
+                    f"trainer.{key} = {item!r} does not fit lightning.Trainer's type "
+                    f"{_describe_type(key)}"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> ExperimentConfig:
+        if self.data.block_size > self.model.block_size:
+            raise ValueError(
+                f"data.block_size ({self.data.block_size}) exceeds the model's context "
+                f"model.block_size ({self.model.block_size})"
+            )
+        return self
+
+    @property
+    def runtime(self) -> ExperimentConfig:
+        """The runtime part (trainer, checkpointing, logging) as the seed note names it."""
+        return self
+
+
+@functools.cache
+def _trainer_adapters() -> dict[str, TypeAdapter[Any]]:
+    from lightning.pytorch import Trainer
+
+    hints = typing.get_type_hints(Trainer.__init__)
+    config = ConfigDict(arbitrary_types_allowed=True, strict=True)
+    return {
+        name: TypeAdapter(hints.get(name, Any), config=config)
+        for name in inspect.signature(Trainer.__init__).parameters
+        if name != "self" and name not in MANAGED_TRAINER_KEYS
+    }
+
+
+def _describe_type(key: str) -> str:
+    from lightning.pytorch import Trainer
+
+    hint = typing.get_type_hints(Trainer.__init__).get(key, Any)
+    return re.sub(r"\b(typing|collections\.abc|datetime|lightning\.[\w.]+)\.", "", str(hint))

@@ -1,0 +1,155 @@
+"""The LightningDataModule over a prepared dataset folder (train.bin, val.bin, meta.pkl).
+
+Training batches are random windows of the memory-mapped train.bin. Batch k of rank r is drawn
+from a generator seeded by (seed, r, k) alone, so the stream is reproducible, different per
+rank, and resumes at any step without replaying the batches before it. Validation uses a fixed
+set of evenly spaced windows, so `val/loss` is comparable across evaluations and runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from ml_playground.errors import DataError
+from ml_playground.prepare import load_tokens, read_meta
+
+ARTIFACTS = ("meta.pkl", "train.bin", "val.bin")
+
+
+def require_artifacts(dataset_dir: Path) -> None:
+    """Fail fast, naming every missing file and the command that creates them."""
+    missing = [name for name in ARTIFACTS if not (Path(dataset_dir) / name).is_file()]
+    if missing:
+        raise DataError(
+            f"{dataset_dir}: missing {', '.join(missing)}; run "
+            "`ml-playground prepare --config <your config>` first (or set data.dataset_dir)"
+        )
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Inputs and next-token targets for windows starting at `starts`, gathered in one go."""
+    idx = starts[:, None] + np.arange(block_size + 1)[None, :]
+    chunk = torch.from_numpy(tokens[idx].astype(np.int64))  # (B, T+1)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+class RandomWindows(IterableDataset):
+    """Endless stream of whole batches of random windows (the DataLoader does no batching)."""
+
+    def __init__(
+        self, path: Path, dtype: str, batch_size: int, block_size: int, seed: int, rank: int
+    ) -> None:
+        self.path, self.dtype = path, dtype
+        self.batch_size, self.block_size = batch_size, block_size
+        self.seed, self.rank = seed, rank
+        self.start_batch = 0
+
+    def batch(self, index: int, tokens: np.ndarray) -> tuple[torch.Tensor, ...]:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
+        return windows(tokens, starts, self.block_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        tokens = load_tokens(self.path, self.dtype)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader reads workers round-robin, so worker w serving every w-th batch keeps
+        # the global order identical to the single-process order.
+        index = self.start_batch + worker
+        while True:
+            yield self.batch(index, tokens)
+            index += workers
+
+
+class FixedWindows(Dataset):
+    """`count` windows evenly spaced over the split, always the same ones."""
+
+    def __init__(self, path: Path, dtype: str, block_size: int, count: int) -> None:
+        self.path, self.dtype, self.block_size = path, dtype, block_size
+        length = len(load_tokens(path, dtype))
+        self.starts = np.linspace(0, length - block_size - 1, num=count).astype(np.int64)
+        self._tokens: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tokens is None:  # opened lazily so the dataset pickles cheaply to workers
+            self._tokens = load_tokens(self.path, self.dtype)
+        x, y = windows(self._tokens, self.starts[i : i + 1], self.block_size)
+        return x[0], y[0]
+
+
+class GPTDataModule(pl.LightningDataModule):
+    """Reads the three artifacts of `prepare`; hands out training and validation batches."""
+
+    def __init__(
+        self,
+        dataset_dir: Path,
+        batch_size: int,
+        block_size: int,
+        val_batches: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset_dir = Path(dataset_dir)
+        self.batch_size, self.block_size = batch_size, block_size
+        self.val_batches, self.num_workers = val_batches, num_workers
+        self.pin_memory, self.seed = pin_memory, seed
+        require_artifacts(self.dataset_dir)
+        self.meta: dict[str, Any] = read_meta(self.dataset_dir / "meta.pkl")
+        self.dtype: str = self.meta.get("dtype", "uint16")
+        self.vocab_size: int = int(self.meta["vocab_size"])
+        for split in ("train", "val"):
+            length = len(load_tokens(self.dataset_dir / f"{split}.bin", self.dtype))
+            if length <= block_size:
+                raise DataError(
+                    f"{self.dataset_dir / f'{split}.bin'}: {length} tokens, fewer than one "
+                    f"window of data.block_size + 1 = {block_size + 1}; use a larger corpus "
+                    "or a smaller data.block_size"
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        dataset = RandomWindows(
+            self.dataset_dir / "train.bin",
+            self.dtype,
+            self.batch_size,
+            self.block_size,
+            self.seed,
+            rank,
+        )
+        if trainer is not None:  # on resume, continue the stream where the checkpoint left it
+            dataset.start_batch = trainer.global_step * trainer.accumulate_grad_batches
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = FixedWindows(
+            self.dataset_dir / "val.bin",
+            self.dtype,
+            self.block_size,
+            self.val_batches * self.batch_size,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )

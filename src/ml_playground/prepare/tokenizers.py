@@ -1,0 +1,213 @@
+"""Tokenizers that turn text into token ids and back: nanoGPT's character level and tiktoken BPE.
+
+Each one describes itself as the dict stored in ``meta.pkl`` and can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import tiktoken
+
+from ml_playground.errors import ConfigError, DataError, SamplingError
+
+_EOT = "<|endoftext|>"
+_MAX_LISTED = 10
+
+
+class Tokenizer(ABC):
+    """Text ↔ token ids, plus the meta dict that lets it be rebuilt."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct token ids."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids for ``text``."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text for token ids."""
+
+    @abstractmethod
+    def meta(self) -> dict:
+        """What goes into ``meta.pkl``."""
+
+
+def _listed(items: Sequence[object]) -> str:
+    shown = ", ".join(repr(x) for x in items[:_MAX_LISTED])
+    return shown + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character; ids follow the order of ``chars`` (sorted, as nanoGPT does)."""
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        if not chars or any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise DataError("a char vocabulary must be a non-empty list of distinct characters")
+        self._itos = list(chars)
+        self._stoi = {ch: i for i, ch in enumerate(self._itos)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The vocabulary of ``text``: its distinct characters, sorted."""
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> CharTokenizer:
+        """Rebuild from nanoGPT-style ``itos`` (or ``stoi``) in ``meta``."""
+        itos, stoi = meta.get("itos"), meta.get("stoi")
+        try:
+            if isinstance(itos, dict):
+                chars = [itos[i] for i in range(len(itos))]
+            elif isinstance(stoi, dict):
+                chars = [ch for ch, _ in sorted(stoi.items(), key=lambda kv: kv[1])]
+                if [stoi[ch] for ch in chars] != list(range(len(chars))):
+                    raise KeyError
+            else:
+                raise KeyError
+        except (KeyError, TypeError):
+            raise DataError(
+                "meta.pkl has no usable 'itos'/'stoi' for the char tokenizer (ids must be 0..n-1);"
+                " rebuild it with `ml-playground prepare --force`"
+            ) from None
+        tok = cls(chars)
+        if meta.get("vocab_size") != tok.vocab_size:
+            raise DataError(
+                f"meta.pkl says vocab_size {meta.get('vocab_size')} but its char table has "
+                f"{tok.vocab_size} entries; rebuild it with `ml-playground prepare --force`"
+            )
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._itos)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self._stoi
+        try:
+            return [stoi[ch] for ch in text]
+        except KeyError:
+            unknown = sorted(set(text) - stoi.keys())
+            raise SamplingError(
+                f"characters not in the vocabulary: {_listed(unknown)}; a char model only knows "
+                "the characters of its training corpus's vocabulary"
+            ) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        itos = self._itos
+        try:
+            return "".join(itos[i] for i in ids)
+        except (IndexError, TypeError):
+            bad = sorted({i for i in ids if not 0 <= i < len(itos)})
+            raise SamplingError(
+                f"token ids outside the char vocabulary 0..{len(itos) - 1}: {_listed(bad)}"
+            ) from None
+
+    def meta(self) -> dict:
+        return {
+            "vocab_size": self.vocab_size,
+            "itos": dict(enumerate(self._itos)),
+            "stoi": dict(self._stoi),
+            "tokenizer": "char",
+            "encoding": None,
+        }
+
+
+def _get_encoding(name: str) -> tiktoken.Encoding:
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(
+            f"unknown tiktoken encoding {name!r}; choose one of {tiktoken.list_encoding_names()}"
+        )
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:
+        raise DataError(
+            f"could not load tiktoken encoding {name!r} ({type(e).__name__}: {e}); set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files "
+            "(e.g. ../shared/data/tiktoken_cache) or allow network access"
+        ) from None
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken BPE encoding; special tokens in the text are encoded as ordinary text."""
+
+    def __init__(self, encoding: str | tiktoken.Encoding) -> None:
+        self._enc = _get_encoding(encoding) if isinstance(encoding, str) else encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def encoding_name(self) -> str:
+        return self._enc.name
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            return self._enc.decode(list(ids))
+        except (KeyError, ValueError, OverflowError) as e:
+            raise SamplingError(
+                f"cannot decode token ids with tiktoken encoding {self._enc.name!r} ({e})"
+            ) from None
+
+    def meta(self) -> dict:
+        return {
+            "vocab_size": self.vocab_size,
+            "tokenizer": "tiktoken",
+            "encoding": self._enc.name,
+            "eot_token": (
+                self._enc.encode_single_token(_EOT)
+                if _EOT in self._enc.special_tokens_set
+                else None
+            ),
+        }
+
+
+def tokenizer_from_meta(meta: dict) -> Tokenizer:
+    """Rebuild the tokenizer described by a ``meta.pkl`` dict (see ``read_meta``)."""
+    kind = meta.get("tokenizer", "char" if "stoi" in meta or "itos" in meta else None)
+    if kind == "char":
+        return CharTokenizer.from_meta(meta)
+    if kind == "tiktoken":
+        name = meta.get("encoding")
+        if not isinstance(name, str):
+            raise DataError(
+                f"meta.pkl names tokenizer 'tiktoken' but no encoding (got {name!r}); "
+                "rebuild it with `ml-playground prepare --force`"
+            )
+        tok = TiktokenTokenizer(name)
+        if meta.get("vocab_size") != tok.vocab_size:
+            raise DataError(
+                f"meta.pkl says vocab_size {meta.get('vocab_size')} but tiktoken {name!r} has "
+                f"{tok.vocab_size}; rebuild it with `ml-playground prepare --force`"
+            )
+        return tok
+    raise DataError(
+        f"meta.pkl names an unknown tokenizer {kind!r} (expected 'char' or 'tiktoken'); "
+        "rebuild it with `ml-playground prepare --force`"
+    )
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
+    """Split a `prepare.tokenizer` value: "char" or "tiktoken:<encoding>" → (kind, encoding)."""
+    if spec == "char":
+        return "char", None
+    kind, sep, name = spec.partition(":")
+    if kind == "tiktoken" and sep:
+        if name in tiktoken.list_encoding_names():
+            return "tiktoken", name
+        raise ConfigError(
+            f"prepare.tokenizer {spec!r}: unknown tiktoken encoding {name!r}; choose one of "
+            f"{tiktoken.list_encoding_names()}"
+        )
+    raise ConfigError(
+        f"prepare.tokenizer must be 'char' or 'tiktoken:<encoding>' (e.g. 'tiktoken:gpt2'), "
+        f"got {spec!r}"
+    )
