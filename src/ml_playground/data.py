@@ -37,7 +37,7 @@ def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[to
     """Inputs and next-token targets for windows starting at `starts`, gathered in one go."""
     idx = starts[:, None] + np.arange(block_size + 1)[None, :]
     chunk = torch.from_numpy(tokens[idx].astype(np.int64))  # (B, T+1)
-    return chunk[:, :-1], chunk[:, 1:]
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
 class RandomWindows(IterableDataset):

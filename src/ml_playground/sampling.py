@@ -1,0 +1,90 @@
+"""Text generation from a checkpoint file alone (weights, model shape and tokenizer inside)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ml_playground.checkpointing import SECTION, find_checkpoint, load_checkpoint
+from ml_playground.configuration.schema import ExperimentConfig, SampleConfig
+from ml_playground.errors import CheckpointError, SamplingError
+from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
+from ml_playground.prepare import Tokenizer, tokenizer_from_meta
+
+PROMPT_FILE_PREFIX = "FILE:"
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text, read from a file when it is given as `FILE:path`."""
+    if not prompt.startswith(PROMPT_FILE_PREFIX):
+        return prompt
+    path = Path(prompt[len(PROMPT_FILE_PREFIX) :])
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SamplingError(f"sample.prompt: prompt file {path} not found") from None
+    except UnicodeDecodeError:
+        raise SamplingError(f"sample.prompt: prompt file {path} is not UTF-8 text") from None
+
+
+def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
+    """The plain GPT with the checkpoint's weights (EMA weights when the checkpoint has them)."""
+    section = checkpoint[SECTION]
+    try:
+        model = GPT(GPTConfig(**section["model_args"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model arguments ({exc})") from None
+    weights = {
+        key.removeprefix("model."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("model.")
+    }
+    try:
+        model.load_state_dict(strip_compile_prefix(weights))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the stored model shape ({first})") from None
+    return model
+
+
+def generate_text(
+    model: GPT, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device | None = None
+) -> list[str]:
+    """All samples of the call generated together as one batch."""
+    text = read_prompt(settings.prompt)
+    if not text:
+        raise SamplingError('sample.prompt is empty; give at least one token, e.g. "\\n"')
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise SamplingError("sample.prompt encodes to no tokens; give a longer prompt")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    idx = torch.tensor([ids], dtype=torch.long, device=device).repeat(settings.num_samples, 1)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        out = model.generate(
+            idx,
+            settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k or None,
+            top_p=settings.top_p if settings.top_p < 1.0 else None,
+            generator=generator,
+        )
+    return [tokenizer.decode(row.tolist()) for row in out.cpu()]
+
+
+def sample(cfg: ExperimentConfig) -> tuple[Path, list[str]]:
+    """Resolve `sample.ckpt`, load it, and generate `sample.num_samples` texts."""
+    path = find_checkpoint(cfg.checkpointing.dirpath, cfg.sample.ckpt)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(path, checkpoint)
+    tokenizer = tokenizer_from_meta(checkpoint[SECTION]["meta"])
+    return path, generate_text(model, tokenizer, cfg.sample)

@@ -1,0 +1,158 @@
+"""`fit` and `validate`: build the data module, the model, the Trainer and its callbacks."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from ml_playground.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointExtras,
+    GPTCheckpoint,
+    check_compatible,
+    find_checkpoint,
+    load_checkpoint,
+    managed_files,
+)
+from ml_playground.configuration.loading import dump_toml
+from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.data import GPTDataModule
+from ml_playground.errors import ConfigError
+from ml_playground.model.module import GPTLightningModule
+
+CONFIG_FILENAME = "config.toml"
+
+
+class SaveResolvedConfig(pl.Callback):
+    """Writes the resolved configuration next to the run's TensorBoard events (rank 0)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.path: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and trainer.logger is not None and trainer.logger.log_dir:
+            folder = Path(trainer.logger.log_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / CONFIG_FILENAME
+            tmp = self.path.with_suffix(".toml.tmp")
+            tmp.write_text(self.text, encoding="utf-8")
+            tmp.replace(self.path)
+
+
+@dataclass
+class RunResult:
+    """What a `fit` or `validate` run leaves behind, for the closing report."""
+
+    log_dir: Path | None
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    best_score: float | None
+    metric: str
+    metrics: dict[str, float]
+    is_global_zero: bool
+
+
+def _quiet_lightning() -> None:
+    # Hints aimed at Lightning developers, not at our users (e.g. about num_workers on CPU).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
+
+
+def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
+    """`last` / `best` / a file, validated against the config; or a check for a fresh run."""
+    dirpath = cfg.checkpointing.dirpath
+    if ckpt_path is None:
+        existing = managed_files(dirpath, "last") + managed_files(dirpath, "best")
+        if existing:
+            raise ConfigError(
+                f"{dirpath} already holds checkpoints of an earlier run ({existing[-1].name}); "
+                "resume it with --ckpt_path last, or start afresh with another "
+                "experiment name / checkpointing.dirpath, or delete that folder"
+            )
+        return None
+    return find_checkpoint(dirpath, ckpt_path)
+
+
+def build(
+    cfg: ExperimentConfig, resume: Path | None
+) -> tuple[pl.Trainer, GPTLightningModule, GPTDataModule, GPTCheckpoint]:
+    """Everything `fit` and `validate` need, with the checkpoint checked before any work."""
+    _quiet_lightning()
+    pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
+    data = cfg.data
+    datamodule = GPTDataModule(
+        dataset_dir=data.dataset_dir,
+        batch_size=data.batch_size,
+        block_size=data.block_size,
+        val_batches=data.val_batches,
+        num_workers=data.num_workers,
+        pin_memory=data.pin_memory,
+        seed=cfg.seed_everything,
+    )
+    module = GPTLightningModule(
+        cfg.model, datamodule.vocab_size, tokens_per_batch=data.batch_size * data.block_size
+    )
+    if resume is not None:
+        check_compatible(resume, load_checkpoint(resume), module.model_args, datamodule.vocab_size)
+    text = dump_toml(cfg)
+    ckpt = cfg.checkpointing
+    checkpoint = GPTCheckpoint(
+        dirpath=ckpt.dirpath,
+        every_n_steps=ckpt.every_n_steps,
+        metric=ckpt.metric,
+        mode=ckpt.mode,
+        keep_last=ckpt.keep.last,
+        keep_best=ckpt.keep.best,
+        extras=CheckpointExtras(config_toml=text, meta=datamodule.meta),
+    )
+    logger = TensorBoardLogger(
+        save_dir=str(cfg.log_dir), name=cfg.experiment, default_hp_metric=False
+    )
+    trainer_args: dict[str, Any] = dict(cfg.trainer)
+    trainer = pl.Trainer(
+        **trainer_args,
+        logger=logger,
+        callbacks=[checkpoint, SaveResolvedConfig(text)],
+        plugins=[AtomicCheckpointIO()],
+    )
+    return trainer, module, datamodule, checkpoint
+
+
+def fit(cfg: ExperimentConfig, ckpt_path: str | None = None) -> RunResult:
+    """Train (or resume training) as the configuration says."""
+    resume = resolve_resume(cfg, ckpt_path)
+    trainer, module, datamodule, checkpoint = build(cfg, resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    return _result(trainer, checkpoint, cfg)
+
+
+def validate(cfg: ExperimentConfig, ckpt_path: str = "best") -> RunResult:
+    """Evaluate a checkpoint on the fixed validation windows."""
+    path = find_checkpoint(cfg.checkpointing.dirpath, ckpt_path)
+    trainer, module, datamodule, checkpoint = build(cfg, path)
+    trainer.validate(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
+    return _result(trainer, checkpoint, cfg)
+
+
+def _result(trainer: pl.Trainer, checkpoint: GPTCheckpoint, cfg: ExperimentConfig) -> RunResult:
+    score = checkpoint.best_model_score
+    log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+    return RunResult(
+        log_dir=Path(log_dir) if log_dir else None,
+        last_checkpoint=Path(checkpoint.last_model_path) if checkpoint.last_model_path else None,
+        best_checkpoint=Path(checkpoint.best_model_path) if checkpoint.best_model_path else None,
+        best_score=None if score is None else float(score),
+        metric=cfg.checkpointing.metric,
+        metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        is_global_zero=trainer.is_global_zero,
+    )
