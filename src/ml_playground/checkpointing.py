@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ml_playground.errors import CheckpointError, ConfigError
 
@@ -58,8 +59,7 @@ def find_checkpoint(dirpath: Path, which: str) -> Path:
         if not files:
             raise CheckpointError(
                 f"{dirpath}: no ckpt_{which}_* checkpoint found; train first with "
-                f"`ml-playground fit --config ...`"
-                + (" or use `last`" if which == "best" else "")
+                f"`ml-playground fit --config ...`" + (" or use `last`" if which == "best" else "")
             )
         return files[-1]
     path = Path(which)
@@ -227,9 +227,13 @@ class GPTCheckpoint(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # Ctrl-C / SIGTERM: keep the work done so far (at the current step) resumable.
-        if isinstance(exception, KeyboardInterrupt) or type(exception).__name__ == "SIGTERMException":
-            if trainer.state.fn == TrainerFn.FITTING and self.last_saved_step != trainer.global_step:
-                self._save_last(trainer)
+        interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+        if (
+            interrupted
+            and trainer.state.fn == TrainerFn.FITTING
+            and self.last_saved_step != trainer.global_step
+        ):
+            self._save_last(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         score = self.best_model_score

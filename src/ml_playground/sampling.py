@@ -46,7 +46,9 @@ def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
         model.load_state_dict(strip_compile_prefix(weights))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the stored model shape ({first})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored model shape ({first})"
+        ) from None
     return model
 
 

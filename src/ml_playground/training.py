@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,39 @@ class SaveResolvedConfig(pl.Callback):
             tmp.replace(self.path)
 
 
+class ReportValidation(pl.Callback):
+    """One line per validation, as nanoGPT prints them, kept in the terminal's history."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self._since: tuple[int, float] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._since = (trainer.global_step, time.perf_counter())
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._since is None:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"step {trainer.global_step}:"]
+        parts += [
+            f"{name} {float(metrics[name]):.4f}"
+            for name in ("train/loss", "val/loss")
+            if name in metrics
+        ]
+        step0, t0 = self._since
+        if trainer.global_step > step0:
+            ms = 1000 * (time.perf_counter() - t0) / (trainer.global_step - step0)
+            parts.append(f"({ms:.1f} ms/step)")
+        bar = trainer.progress_bar_callback
+        line = " ".join(parts)
+        if bar is not None and hasattr(bar, "print"):
+            bar.print(line)
+        else:
+            print(line, flush=True)
+        self._since = (trainer.global_step, time.perf_counter())
+
+
 @dataclass
 class RunResult:
     """What a `fit` or `validate` run leaves behind, for the closing report."""
@@ -64,7 +98,9 @@ def _quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings(
+        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
+    )
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
 
 
@@ -122,7 +158,7 @@ def build(
     trainer = pl.Trainer(
         **trainer_args,
         logger=logger,
-        callbacks=[checkpoint, SaveResolvedConfig(text)],
+        callbacks=[checkpoint, SaveResolvedConfig(text), ReportValidation(ckpt.metric)],
         plugins=[AtomicCheckpointIO()],
     )
     return trainer, module, datamodule, checkpoint

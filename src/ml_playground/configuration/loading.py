@@ -188,7 +188,7 @@ def _resolve_layer_paths(layer: Layer) -> dict[str, Any]:
 
     def update(dotted: str, rewrite: typing.Callable[[str], str]) -> None:
         *parents, leaf = dotted.split(".")
-        node = data
+        node: Any = data
         for part in parents:
             node = node.get(part)
             if not isinstance(node, dict):
@@ -203,9 +203,11 @@ def _resolve_layer_paths(layer: Layer) -> dict[str, Any]:
     update("sample.ckpt", lambda s: s if s in _CKPT_ALIASES else anchor(s))
     update(
         "sample.prompt",
-        lambda s: _PROMPT_FILE_PREFIX + anchor(s[len(_PROMPT_FILE_PREFIX) :])
-        if s.startswith(_PROMPT_FILE_PREFIX)
-        else s,
+        lambda s: (
+            _PROMPT_FILE_PREFIX + anchor(s[len(_PROMPT_FILE_PREFIX) :])
+            if s.startswith(_PROMPT_FILE_PREFIX)
+            else s
+        ),
     )
     return data
 

@@ -88,7 +88,9 @@ class ModelConfig(Section):
     n_head: int = Field(description="attention heads per block", gt=0)
     n_embd: int = Field(description="embedding width (a multiple of n_head)", gt=0)
     block_size: int = Field(description="context length the model supports", gt=0)
-    dropout: float = Field(description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0)
+    dropout: float = Field(
+        description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0
+    )
     bias: bool = Field(description="biases in Linear and LayerNorm layers (GPT-2: true)")
     learning_rate: float = Field(description="peak learning rate of AdamW", gt=0.0)
     min_lr: float = Field(description="learning rate at the end of the cosine decay", ge=0.0)
@@ -104,9 +106,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _check_shape_and_schedule(self) -> ModelConfig:
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.warmup_steps > self.lr_decay_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must not exceed "

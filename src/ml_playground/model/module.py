@@ -31,6 +31,11 @@ class WarmupCosine:
         return (self.min_lr + cosine * (self.lr - self.min_lr)) / self.lr
 
 
+def _log_interval(trainer: pl.Trainer) -> int:
+    # Set by Lightning's logger connector at Trainer init; not a declared attribute.
+    return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+
+
 def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(
         block_size=model.block_size,
@@ -76,13 +81,13 @@ class GPTLightningModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            if not torch.isfinite(loss.detach()).item():
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {self.trainer.global_step}; lower "
-                    "model.learning_rate or set trainer.gradient_clip_val, and resume from "
-                    "the last good checkpoint with --ckpt_path last"
-                )
+        step = self.trainer.global_step
+        if step % _log_interval(self.trainer) == 0 and not torch.isfinite(loss).item():
+            raise TrainingError(
+                f"loss became {loss.item()} at step {step}; lower "
+                "model.learning_rate or set trainer.gradient_clip_val, and resume from "
+                "the last good checkpoint with --ckpt_path last"
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -95,7 +100,9 @@ class GPTLightningModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # Every rank holds an equal share of the fixed windows: the mean of means is exact.
         local = torch.stack(self._val_losses).float().mean()
-        loss = self.all_gather(local).float().mean()
+        gathered = self.all_gather(local)
+        assert isinstance(gathered, torch.Tensor)
+        loss = gathered.float().mean()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self._val_losses.clear()
@@ -120,9 +127,11 @@ class GPTLightningModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         now = time.perf_counter()
         trainer = self.trainer
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if trainer.global_step % _log_interval(trainer) == 0:
             self.log("lr", optimizer.param_groups[0]["lr"])
             if self._last_time is not None:
-                tokens = self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
+                tokens = (
+                    self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
+                )
                 self.log("perf/tokens_per_sec", tokens / (now - self._last_time))
         self._last_time = now

@@ -1,0 +1,176 @@
+"""Shared fixtures: a tiny deterministic corpus, a tiny experiment file, and the real CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while king and queen speak of love "
+    "war night day sword crown heart blood field river wind stone fire gold"
+).split()
+
+# The settings every test run uses: a model small enough to train in seconds on a CPU.
+TINY_TOML = """\
+experiment = "tiny"
+seed_everything = 7
+log_dir = "logs"
+
+[prepare]
+source = "{source}"
+source_sha256 = ""
+tokenizer = "char"
+val_fraction = 0.1
+
+[data]
+dataset_dir = "data"
+batch_size = 4
+block_size = 16
+val_batches = 2
+pin_memory = false
+
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 16
+learning_rate = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+lr_decay_steps = 20
+
+[trainer]
+accelerator = "cpu"
+devices = 1
+max_steps = 20
+val_check_interval = 10
+log_every_n_steps = 1
+enable_progress_bar = false
+
+[checkpointing]
+dirpath = "ckpt"
+every_n_steps = 5
+
+[checkpointing.keep]
+last = 2
+best = 1
+
+[sample]
+ckpt = "last"
+prompt = "the "
+num_samples = 2
+max_new_tokens = 24
+top_k = 10
+"""
+
+
+def make_corpus_text(n_lines: int = 120, seed: int = 1234) -> str:
+    """Deterministic English-ish text: a handful of words, capitals, punctuation, newlines."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+        words[0] = words[0].capitalize()
+        lines.append(" ".join(words) + rng.choice(".,;!?"))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return make_corpus_text()
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, corpus_text: str) -> Path:
+    """A tiny UTF-8 corpus file (a few KB, a few dozen distinct characters)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(corpus_text, encoding="utf-8")
+    return path
+
+
+def write_experiment_toml(path: Path, source: Path, **replacements: str) -> Path:
+    text = TINY_TOML.format(source=source.as_posix())
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def experiment_toml(tmp_path: Path, corpus: Path) -> Path:
+    """`tmp_path/exp.toml`: a tiny experiment whose relative paths resolve into tmp_path."""
+    return write_experiment_toml(tmp_path / "exp.toml", corpus)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+RunCli = Callable[..., subprocess.CompletedProcess]
+
+
+def _base_env(cache: Path) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("ML_PLAYGROUND_")
+    }
+    env["ML_PLAYGROUND_CACHE"] = str(cache)
+    env.setdefault("PYTHONHASHSEED", "0")
+    # Keep a 2-core machine from oversubscribing when tests run side by side.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def format_result(result: subprocess.CompletedProcess) -> str:
+    return (
+        f"command: {' '.join(map(str, result.args))}\n"
+        f"exit code: {result.returncode}\n"
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    )
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, cache_dir: Path) -> RunCli:
+    """Run `python -m ml_playground ARGS...` in a subprocess (cwd tmp_path by default).
+
+    `env` adds variables (a None value removes one); `check=True` asserts exit code 0 and shows
+    stdout and stderr when it is not.
+    """
+
+    def run(
+        *args: str | os.PathLike[str],
+        env: Mapping[str, str | None] | None = None,
+        cwd: Path | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
+        full_env = _base_env(cache_dir)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        result = subprocess.run(
+            [sys.executable, "-m", "ml_playground", *map(str, args)],
+            cwd=cwd or tmp_path,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if check:
+            assert result.returncode == 0, "command failed\n" + format_result(result)
+        return result
+
+    return run

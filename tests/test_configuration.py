@@ -1,0 +1,244 @@
+"""Loading, merging, overrides, path resolution and validation of the configuration."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ml_playground.configuration import (
+    dump_toml,
+    load_config,
+    load_experiment_toml,
+    load_full_experiment_config,
+)
+from ml_playground.configuration.loading import (
+    SAMPLE_OVERRIDES_ENV,
+    TRAIN_OVERRIDES_ENV,
+    config_from_toml_text,
+    deep_merge,
+    packaged_defaults,
+)
+from ml_playground.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRAIN_OVERRIDES_ENV, raising=False)
+    monkeypatch.delenv(SAMPLE_OVERRIDES_ENV, raising=False)
+
+
+def test_defaults_alone_are_a_valid_config() -> None:
+    cfg = load_config()
+    defaults = packaged_defaults().data
+    assert cfg.model.n_layer == defaults["model"]["n_layer"]
+    assert cfg.checkpointing.keep.last == defaults["checkpointing"]["keep"]["last"]
+    # The seed note's access path.
+    assert cfg.runtime.checkpointing.keep.best == defaults["checkpointing"]["keep"]["best"]
+
+
+def test_shipped_configs_validate() -> None:
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        cfg = load_experiment_toml(path)
+        assert cfg.experiment
+
+
+def test_experiment_file_is_deep_merged_over_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.toml", 'experiment = "x"\n[model]\nn_layer = 2\n[checkpointing.keep]\nlast = 5\n')
+    cfg = load_experiment_toml(path)
+    assert cfg.model.n_layer == 2
+    assert cfg.model.n_head == packaged_defaults().data["model"]["n_head"]  # sibling kept
+    assert cfg.checkpointing.keep.last == 5
+    assert cfg.checkpointing.keep.best == packaged_defaults().data["checkpointing"]["keep"]["best"]
+
+
+def test_later_config_files_override_earlier(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.toml", "[model]\nn_layer = 2\nn_head = 2\n")
+    b = write(tmp_path / "b.toml", "[model]\nn_layer = 3\n")
+    cfg = load_config([a, b])
+    assert (cfg.model.n_layer, cfg.model.n_head) == (3, 2)
+
+
+def test_precedence_defaults_files_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "e.toml", "[trainer]\nmax_steps = 10\nlog_every_n_steps = 3\n[model]\nn_layer = 2\n")
+    monkeypatch.setenv(TRAIN_OVERRIDES_ENV, '{"trainer": {"max_steps": 20}, "model": {"n_layer": 5}}')
+    cfg = load_config([path], [("model.n_layer", "7")], [TRAIN_OVERRIDES_ENV])
+    assert cfg.trainer["max_steps"] == 20  # env beats file
+    assert cfg.trainer["log_every_n_steps"] == 3  # file beats defaults
+    assert cfg.model.n_layer == 7  # flag beats env
+
+
+def test_env_variable_applies_only_where_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SAMPLE_OVERRIDES_ENV, '{"sample": {"num_samples": 9}}')
+    assert load_config(env_vars=[TRAIN_OVERRIDES_ENV]).sample.num_samples != 9
+    assert load_config(env_vars=[SAMPLE_OVERRIDES_ENV]).sample.num_samples == 9
+
+
+def test_load_full_experiment_config_applies_train_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "e.toml", "")
+    monkeypatch.setenv(TRAIN_OVERRIDES_ENV, '{"checkpointing": {"keep": {"last": 4}}}')
+    assert load_full_experiment_config(path).runtime.checkpointing.keep.last == 4
+    assert load_experiment_toml(path).checkpointing.keep.last != 4
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"trainer": {"max_stepz": 5}}', "trainer.max_stepz"),
+        ('{"model": {"n_layer": "two"}}', "model.n_layer"),
+        ('{"checkpointing": {"keep": {"last": -1}}}', "checkpointing.keep.last"),
+    ],
+)
+def test_bad_env_override_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(TRAIN_OVERRIDES_ENV, value)
+    with pytest.raises(ConfigError) as info:
+        load_config(env_vars=[TRAIN_OVERRIDES_ENV])
+    assert TRAIN_OVERRIDES_ENV in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_relative_paths_resolve_against_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write(
+        tmp_path / "configs" / "e.toml",
+        'experiment = "exp"\n[prepare]\nsource = "corpus/input.txt"\n'
+        '[data]\ndataset_dir = "../datasets/{experiment}"\n'
+        '[sample]\nprompt = "FILE:prompt.txt"\nckpt = "ck/x.pt"\n',
+    )
+    cfg = load_experiment_toml(path)
+    assert isinstance(cfg.data.dataset_dir, Path)
+    assert cfg.data.dataset_dir.resolve() == (tmp_path / "datasets" / "exp").resolve()
+    assert Path(cfg.prepare.source) == tmp_path / "configs" / "corpus" / "input.txt"
+    assert cfg.sample.prompt == "FILE:" + str(tmp_path / "configs" / "prompt.txt")
+    assert Path(cfg.sample.ckpt) == tmp_path / "configs" / "ck" / "x.pt"
+    # Defaults' paths anchor at the working directory.
+    assert cfg.log_dir == elsewhere / "lightning_logs"
+    assert cfg.checkpointing.dirpath == elsewhere / "checkpoints" / "exp"
+
+
+def test_urls_aliases_and_flag_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(flags=[("sample.ckpt", "last"), ("data.dataset_dir", "d")])
+    assert cfg.prepare.source.startswith("https://")
+    assert cfg.sample.ckpt == "last"
+    assert cfg.data.dataset_dir == tmp_path / "d"
+
+
+def test_flag_values_are_typed_by_the_schema() -> None:
+    cfg = load_config(
+        flags=[
+            ("model.dropout", "0.1"),
+            ("model.bias", "true"),
+            ("sample.prompt", "42"),  # text field: stays a string
+            ("trainer.precision", "bf16-mixed"),
+            ("trainer.max_steps", "7"),
+        ]
+    )
+    assert cfg.model.dropout == 0.1 and cfg.model.bias is True
+    assert cfg.sample.prompt == "42"
+    assert cfg.trainer["precision"] == "bf16-mixed" and cfg.trainer["max_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[model]\nn_lyer = 2\n", ["model.n_lyer", "unknown key", "n_layer"]),
+        ("[modle]\nn_layer = 2\n", ["modle", "unknown key"]),
+        ("[model]\nn_layer = \"two\"\n", ["model.n_layer", "integer"]),
+        ("[model]\nn_layer = 2.0\n", ["model.n_layer"]),
+        ("[checkpointing.keep]\nlast = -1\n", ["checkpointing.keep.last", "greater than or equal to 0"]),
+        ("[model]\nn_embd = 30\nn_head = 4\n", ["n_embd (30) must be divisible by n_head (4)"]),
+        ("[model]\nwarmup_steps = 50\nlr_decay_steps = 10\n", ["warmup_steps (50)"]),
+        ("[data]\nblock_size = 128\n[model]\nblock_size = 64\n", ["data.block_size (128)"]),
+        ("[trainer]\nmax_stepz = 3\n", ["trainer.max_stepz", "not an argument of lightning.Trainer"]),
+        ("[trainer]\nmax_steps = \"many\"\n", ["trainer.max_steps"]),
+        ("[trainer]\ncallbacks = []\n", ["trainer.callbacks cannot be set"]),
+        ("[sample]\ntemperature = -1.0\n", ["sample.temperature"]),
+        ('experiment = "a b"\n', ["experiment"]),
+    ],
+)
+def test_invalid_values_name_file_and_key(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    path = write(tmp_path / "bad.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment_toml(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file_not_utf8_not_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_experiment_toml(tmp_path / "nope.toml")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('[sample]\nprompt = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        load_experiment_toml(latin)
+    broken = write(tmp_path / "broken.toml", "[model\nn_layer = 2\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_experiment_toml(broken)
+
+
+def test_bad_flag_names_the_command_line() -> None:
+    with pytest.raises(ConfigError, match=r"command line: model\.n_layer"):
+        load_config(flags=[("model.n_layer", "zero")])
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "e.toml",
+        'experiment = "rt"\n[sample]\nprompt = "To be, or \\"not\\"\\n\\tto be"\n'
+        "[trainer]\nlimit_val_batches = 0.5\n",
+    )
+    cfg = load_experiment_toml(path)
+    text = dump_toml(cfg)
+    tomllib.loads(text)  # valid TOML
+    again = write(tmp_path / "other" / "resolved.toml", text)
+    assert load_experiment_toml(again) == cfg
+    assert config_from_toml_text(text, "checkpoint") == cfg
+    # TOML has no null: None in [trainer] is written as "null" and read back as None.
+    assert cfg.trainer["check_val_every_n_epoch"] is None
+    assert 'check_val_every_n_epoch = "null"' in text
+
+
+def test_deep_merge_replaces_lists_and_keeps_inputs() -> None:
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    over = {"a": {"c": [3]}, "e": 2}
+    assert deep_merge(base, over) == {"a": {"b": 1, "c": [3]}, "d": 1, "e": 2}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+
+
+def test_schema_has_no_defaults_of_its_own() -> None:
+    """Defaults have one home (default.toml): every schema field must be required."""
+    from pydantic import BaseModel
+
+    from ml_playground.configuration.schema import ExperimentConfig
+
+    def walk(model: type[BaseModel]) -> None:
+        for name, info in model.model_fields.items():
+            assert info.is_required(), f"{model.__name__}.{name} has a default in code"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation)
+
+    walk(ExperimentConfig)
