@@ -88,18 +88,36 @@ def corpus_text() -> str:
 
 @pytest.fixture
 def corpus(tmp_path: Path, corpus_text: str) -> Path:
-    """A tiny UTF-8 corpus file (a few KB, a few dozen distinct characters)."""
+    """A tiny UTF-8 corpus file (about 4 KB, a few dozen distinct characters)."""
     path = tmp_path / "corpus.txt"
     path.write_text(corpus_text, encoding="utf-8")
     return path
 
 
 def write_experiment_toml(path: Path, source: Path, **replacements: str) -> Path:
+    """Write the tiny experiment to `path`; `replacements` maps TOML lines to new text."""
     text = TINY_TOML.format(source=source.as_posix())
     for old, new in replacements.items():
+        assert old in text, f"{old!r} is not a line of the tiny experiment"
         text = text.replace(old, new)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+MakeExperiment = Callable[[Path], Path]
+
+
+@pytest.fixture(scope="session")
+def make_experiment(corpus_text: str) -> MakeExperiment:
+    """`make_experiment(folder)` writes folder/corpus.txt and folder/exp.toml; returns the toml."""
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        source = folder / "corpus.txt"
+        source.write_text(corpus_text, encoding="utf-8")
+        return write_experiment_toml(folder / "exp.toml", source)
+
+    return make
 
 
 @pytest.fixture
@@ -108,31 +126,13 @@ def experiment_toml(tmp_path: Path, corpus: Path) -> Path:
     return write_experiment_toml(tmp_path / "exp.toml", corpus)
 
 
-@pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "cache"
-    path.mkdir(exist_ok=True)
-    return path
+# --------------------------------------------------------------------------- the real CLI
 
-
-RunCli = Callable[..., subprocess.CompletedProcess]
-
-
-def _base_env(cache: Path) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("ML_PLAYGROUND_")
-    }
-    env["ML_PLAYGROUND_CACHE"] = str(cache)
-    env.setdefault("PYTHONHASHSEED", "0")
-    # Keep a 2-core machine from oversubscribing when tests run side by side.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MKL_NUM_THREADS", "1")
-    return env
+Cli = Callable[..., subprocess.CompletedProcess]
 
 
 def format_result(result: subprocess.CompletedProcess) -> str:
+    """A failed command with everything it printed, for assertion messages."""
     return (
         f"command: {' '.join(map(str, result.args))}\n"
         f"exit code: {result.returncode}\n"
@@ -140,21 +140,24 @@ def format_result(result: subprocess.CompletedProcess) -> str:
     )
 
 
-@pytest.fixture
-def run_cli(tmp_path: Path, cache_dir: Path) -> RunCli:
-    """Run `python -m ml_playground ARGS...` in a subprocess (cwd tmp_path by default).
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    """`cli(*args, cwd=..., env=None, check=True)`: `python -m ml_playground ARGS` in a subprocess.
 
-    `env` adds variables (a None value removes one); `check=True` asserts exit code 0 and shows
-    stdout and stderr when it is not.
+    The child gets a fresh download cache in a temporary folder and none of the caller's
+    ML_PLAYGROUND_* variables; `env` adds variables (a None value removes one). With
+    `check=True` a non-zero exit fails the test and shows stdout and stderr.
     """
+    cache = tmp_path_factory.mktemp("ml_playground_cache")
 
     def run(
         *args: str | os.PathLike[str],
+        cwd: Path,
         env: Mapping[str, str | None] | None = None,
-        cwd: Path | None = None,
         check: bool = True,
     ) -> subprocess.CompletedProcess:
-        full_env = _base_env(cache_dir)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
+        full_env["ML_PLAYGROUND_CACHE"] = str(cache)
         for key, value in (env or {}).items():
             if value is None:
                 full_env.pop(key, None)
@@ -162,7 +165,7 @@ def run_cli(tmp_path: Path, cache_dir: Path) -> RunCli:
                 full_env[key] = value
         result = subprocess.run(
             [sys.executable, "-m", "ml_playground", *map(str, args)],
-            cwd=cwd or tmp_path,
+            cwd=cwd,
             env=full_env,
             capture_output=True,
             text=True,
@@ -172,5 +175,20 @@ def run_cli(tmp_path: Path, cache_dir: Path) -> RunCli:
         if check:
             assert result.returncode == 0, "command failed\n" + format_result(result)
         return result
+
+    return run
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, cli: Cli) -> Cli:
+    """`run_cli(*args, env=None, cwd=None, check=True)`: the CLI, run in tmp_path by default."""
+
+    def run(
+        *args: str | os.PathLike[str],
+        env: Mapping[str, str | None] | None = None,
+        cwd: Path | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
+        return cli(*args, cwd=cwd or tmp_path, env=env, check=check)
 
     return run

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -100,6 +103,70 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class RetentionWindows:
+    """The `keep.last` / `keep.best` windows over one folder, independent of Lightning.
+
+    `write` callbacks do the actual saving; this class decides names, when a best file is due,
+    and which older files of the same kind to delete right after a write.
+    """
+
+    def __init__(
+        self, dirpath: Path, keep_last: int, keep_best: int, metric: str, mode: str
+    ) -> None:
+        self.dir = Path(dirpath)
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.metric, self.mode = metric, mode
+        self.best_score: float | None = None
+        self.best_step = -1
+        self.last_files: list[Path] = []
+        self.best_files: list[Path] = []
+
+    def adopt(self) -> None:
+        """Continue the windows from the files already in the folder (a resumed run)."""
+        self.last_files = managed_files(self.dir, "last")
+        self.best_files = managed_files(self.dir, "best")
+
+    def improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_score is None:
+            return True
+        return value < self.best_score if self.mode == "min" else value > self.best_score
+
+    def save_last(
+        self, step: int, write: Callable[[Path], None], delete: bool = True
+    ) -> Path | None:
+        if self.keep_last == 0:
+            return None
+        path = self.dir / last_name(step)
+        write(path)
+        self.last_files = _rotate(self.last_files, path, self.keep_last, delete)
+        return path
+
+    def offer_best(
+        self, step: int, value: float, write: Callable[[Path], None], delete: bool = True
+    ) -> Path | None:
+        """Record `value`; write a best file when it improves on the best so far."""
+        if not self.improved(value):
+            return None
+        self.best_score, self.best_step = value, step
+        if self.keep_best == 0:
+            return None
+        path = self.dir / best_name(step, self.metric, value)
+        write(path)
+        self.best_files = _rotate(self.best_files, path, self.keep_best, delete)
+        return path
+
+
+def _rotate(files: list[Path], new: Path, keep: int, delete: bool) -> list[Path]:
+    files = [p for p in files if p != new] + [new]
+    doomed, kept = files[:-keep], files[-keep:]
+    if delete:
+        for path in doomed:
+            path.unlink(missing_ok=True)
+    return kept
+
+
 @dataclass
 class CheckpointExtras:
     """What makes a checkpoint self-contained: the resolved config and the tokenizer."""
@@ -139,13 +206,11 @@ class GPTCheckpoint(ModelCheckpoint):
         )
         self.dir = Path(dirpath)
         self.every_n_steps = every_n_steps
-        self.keep_last, self.keep_best = keep_last, keep_best
+        self.windows = RetentionWindows(self.dir, keep_last, keep_best, metric, mode)
         self.extras = extras
-        self.best_step = -1
         self.last_saved_step = -1
         self._pending_last: int | None = None
-        self._last_files: list[Path] = []
-        self._best_files: list[Path] = []
+        self._pending_rng: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
@@ -163,10 +228,8 @@ class GPTCheckpoint(ModelCheckpoint):
             for stale in self.dir.iterdir():  # left by a process killed mid-write
                 if TMP_PATTERN.match(stale.name):
                     stale.unlink(missing_ok=True)
-        # Adopt what is already there (a resumed run), so the windows continue from it.
-        self._last_files = managed_files(self.dir, "last")
-        self._best_files = managed_files(self.dir, "best")
-        if self.keep_last == 0 and self.keep_best == 0 and trainer.is_global_zero:
+        self.windows.adopt()
+        if self.windows.keep_last == 0 and self.windows.keep_best == 0 and trainer.is_global_zero:
             warnings.warn(
                 "checkpointing.keep.last and keep.best are both 0: no checkpoint is written "
                 "and this run cannot be resumed",
@@ -180,6 +243,9 @@ class GPTCheckpoint(ModelCheckpoint):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
         self._flush_last(trainer)
 
     def on_train_batch_end(
@@ -208,14 +274,13 @@ class GPTCheckpoint(ModelCheckpoint):
                 f"{', '.join(sorted(metrics))}"
             )
         value = float(metrics[self.monitor])
-        if self._improved(value):
+        if self.windows.improved(value):
             self.best_model_score = torch.tensor(value)
-            self.best_step = trainer.global_step
-            if self.keep_best > 0:
-                path = self.dir / best_name(trainer.global_step, self.monitor or "", value)
-                self._write(trainer, path)
-                self._best_files = self._rotate(trainer, self._best_files, path, self.keep_best)
-                self.best_model_path = str(path)
+        path = self.windows.offer_best(
+            trainer.global_step, value, self._writer(trainer), delete=trainer.is_global_zero
+        )
+        if path is not None:
+            self.best_model_path = str(path)
         self._flush_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -236,12 +301,11 @@ class GPTCheckpoint(ModelCheckpoint):
             self._save_last(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        score = self.best_model_score
         return {
             "metric": self.monitor,
             "mode": self.mode,
-            "best_score": None if score is None else float(score),
-            "best_step": self.best_step,
+            "best_score": self.windows.best_score,
+            "best_step": self.windows.best_step,
             "best_path": self.best_model_path,
         }
 
@@ -249,8 +313,9 @@ class GPTCheckpoint(ModelCheckpoint):
         if state_dict.get("metric") != self.monitor or state_dict.get("mode") != self.mode:
             return  # another metric: its best score means nothing for this one
         score = state_dict.get("best_score")
+        self.windows.best_score = None if score is None else float(score)
         self.best_model_score = None if score is None else torch.tensor(score)
-        self.best_step = int(state_dict.get("best_step", -1))
+        self.windows.best_step = int(state_dict.get("best_step", -1))
         self.best_model_path = str(state_dict.get("best_path", ""))
 
     def on_save_checkpoint(
@@ -261,17 +326,17 @@ class GPTCheckpoint(ModelCheckpoint):
             "model_args": dict(getattr(pl_module, "model_args", {})),
             "config_toml": self.extras.config_toml,
             "meta": self.extras.meta,
+            "rng": capture_rng(),
         }
 
-    # ----------------------------------------------------------------- policy
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Applied when the first resumed step starts, after Lightning's own start-up work
+        # (which draws from the generators) is done.
+        self._pending_rng = checkpoint.get(SECTION, {}).get("rng")
 
-    def _improved(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best_model_score is None:
-            return True
-        best = float(self.best_model_score)
-        return value < best if self.mode == "min" else value > best
+    # ----------------------------------------------------------------- policy
 
     def _flush_last(self, trainer: pl.Trainer) -> None:
         if self._pending_last is not None and self._pending_last == trainer.global_step:
@@ -279,26 +344,41 @@ class GPTCheckpoint(ModelCheckpoint):
         self._pending_last = None
 
     def _save_last(self, trainer: pl.Trainer) -> None:
-        step = trainer.global_step
-        self.last_saved_step = step
+        self.last_saved_step = trainer.global_step
         self._pending_last = None
-        if self.keep_last == 0:
-            return
-        path = self.dir / last_name(step)
-        self._write(trainer, path)
-        self._last_files = self._rotate(trainer, self._last_files, path, self.keep_last)
-        self.last_model_path = str(path)
+        path = self.windows.save_last(
+            trainer.global_step, self._writer(trainer), delete=trainer.is_global_zero
+        )
+        if path is not None:
+            self.last_model_path = str(path)
 
-    def _write(self, trainer: pl.Trainer, path: Path) -> None:
-        trainer.save_checkpoint(path, weights_only=False)  # collective under DDP; rank 0 writes
+    @staticmethod
+    def _writer(trainer: pl.Trainer) -> Callable[[Path], None]:
+        # Collective under DDP: every rank calls it, rank 0 writes.
+        return lambda path: trainer.save_checkpoint(path, weights_only=False)
 
-    def _rotate(self, trainer: pl.Trainer, files: list[Path], new: Path, keep: int) -> list[Path]:
-        files = [p for p in files if p != new] + [new]
-        doomed, kept = files[:-keep], files[-keep:]
-        if trainer.is_global_zero:
-            for path in doomed:
-                path.unlink(missing_ok=True)
-        return kept
+
+def capture_rng() -> dict[str, Any]:
+    """Generator states as plain data and tensors, loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = cast(tuple[Any, ...], np.random.get_state(legacy=True))
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- loading

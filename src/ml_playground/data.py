@@ -105,6 +105,7 @@ class GPTDataModule(pl.LightningDataModule):
         self.batch_size, self.block_size = batch_size, block_size
         self.val_batches, self.num_workers = val_batches, num_workers
         self.pin_memory, self.seed = pin_memory, seed
+        self._resume_batch = 0
         require_artifacts(self.dataset_dir)
         self.meta: dict[str, Any] = read_meta(self.dataset_dir / "meta.pkl")
         self.dtype: str = self.meta.get("dtype", "uint16")
@@ -129,8 +130,7 @@ class GPTDataModule(pl.LightningDataModule):
             self.seed,
             rank,
         )
-        if trainer is not None:  # on resume, continue the stream where the checkpoint left it
-            dataset.start_batch = trainer.global_step * trainer.accumulate_grad_batches
+        dataset.start_batch = self._resume_batch  # continue the stream where a checkpoint left it
         return DataLoader(
             dataset,
             batch_size=None,
@@ -138,6 +138,15 @@ class GPTDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's position: how many batches each rank has drawn so far."""
+        trainer = self.trainer
+        drawn = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        return {"batches_drawn": drawn, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_batch = int(state_dict.get("batches_drawn", 0))
 
     def val_dataloader(self) -> DataLoader:
         dataset = FixedWindows(

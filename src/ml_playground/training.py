@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ml_playground.checkpointing import (
@@ -50,8 +51,7 @@ class SaveResolvedConfig(pl.Callback):
 class ReportValidation(pl.Callback):
     """One line per validation, as nanoGPT prints them, kept in the terminal's history."""
 
-    def __init__(self, metric: str) -> None:
-        self.metric = metric
+    def __init__(self) -> None:
         self._since: tuple[int, float] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -102,6 +102,8 @@ def _quiet_lightning() -> None:
         "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
     )
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
+    # We override configure_model only to compile; nothing is sharded.
+    warnings.filterwarnings("ignore", message=r".*WeightAveraging callback with a model that overrides.*")
 
 
 def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
@@ -154,12 +156,14 @@ def build(
     logger = TensorBoardLogger(
         save_dir=str(cfg.log_dir), name=cfg.experiment, default_hp_metric=False
     )
+    callbacks: list[pl.Callback] = [checkpoint, SaveResolvedConfig(text), ReportValidation()]
+    if cfg.model.ema_decay > 0:
+        # Lightning's EMA: validation runs on the averaged weights and checkpoints store them
+        # as the state_dict (the raw weights under current_model_state, for resuming).
+        callbacks.insert(0, EMAWeightAveraging(decay=cfg.model.ema_decay))
     trainer_args: dict[str, Any] = dict(cfg.trainer)
     trainer = pl.Trainer(
-        **trainer_args,
-        logger=logger,
-        callbacks=[checkpoint, SaveResolvedConfig(text), ReportValidation(ckpt.metric)],
-        plugins=[AtomicCheckpointIO()],
+        **trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
     return trainer, module, datamodule, checkpoint
 

@@ -102,6 +102,12 @@ class ModelConfig(Section):
     beta1: float = Field(description="AdamW beta1", gt=0.0, lt=1.0)
     beta2: float = Field(description="AdamW beta2", gt=0.0, lt=1.0)
     compile: bool = Field(description="wrap the model in torch.compile")
+    ema_decay: float = Field(
+        description="keep an exponential moving average of the weights with this decay "
+        "(e.g. 0.999); validation, best checkpoints and sampling then use it; 0 disables",
+        ge=0.0,
+        lt=1.0,
+    )
 
     @model_validator(mode="after")
     def _check_shape_and_schedule(self) -> ModelConfig:
