@@ -62,7 +62,7 @@ last = 2
 best = 1
 
 [sample]
-ckpt = "last"
+ckpt = "best"
 prompt = "the "
 num_samples = 2
 max_new_tokens = 24

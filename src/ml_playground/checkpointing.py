@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 SECTION = "ml_playground"  # the project's own part of a Lightning checkpoint
 REQUIRED_KEYS = ("state_dict", "global_step", SECTION)
 SECTION_KEYS = ("format_version", "model_args", "config_toml", "meta")
+NANOGPT_KEYS = ("model", "model_args", "iter_num", "config")
 
 LAST_PATTERN = re.compile(r"^ckpt_last_(\d{8})\.pt$")
 BEST_PATTERN = re.compile(r"^ckpt_best_(\d{8})_.*\.pt$")
@@ -384,8 +385,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only) and check it is one of ours, of a known version."""
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Unpickle a checkpoint file safely (weights_only=True); no validation beyond a dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -399,6 +400,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not an ml-playground checkpoint (not a dict)")
+    return checkpoint
+
+
+def is_nanogpt_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """A `ckpt.pt` written by nanoGPT's train.py."""
+    return all(key in checkpoint for key in NANOGPT_KEYS) and SECTION not in checkpoint
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely and check it is one of ours, of a known version."""
+    checkpoint = read_checkpoint(path)
+    if is_nanogpt_checkpoint(checkpoint):
+        raise CheckpointError(
+            f"{path}: a nanoGPT checkpoint; `sample --sample.ckpt {path}` can sample from it, "
+            "but fit cannot resume it"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(

@@ -247,6 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ml-playground: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        if type(exc).__name__ != "SIGTERMException":  # Lightning's, raised after saving
+            raise
+        print("ml-playground: stopped by SIGTERM; resume with --ckpt_path last", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

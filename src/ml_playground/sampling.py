@@ -8,11 +8,17 @@ from typing import Any
 
 import torch
 
-from ml_playground.checkpointing import SECTION, find_checkpoint, load_checkpoint
+from ml_playground.checkpointing import (
+    SECTION,
+    find_checkpoint,
+    is_nanogpt_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+)
 from ml_playground.configuration.schema import ExperimentConfig, SampleConfig
 from ml_playground.errors import CheckpointError, SamplingError
 from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
-from ml_playground.prepare import Tokenizer, tokenizer_from_meta
+from ml_playground.prepare import Tokenizer, read_meta, tokenizer_from_meta
 
 PROMPT_FILE_PREFIX = "FILE:"
 
@@ -83,10 +89,50 @@ def generate_text(
     return [tokenizer.decode(row.tolist()) for row in out.cpu()]
 
 
+def from_nanogpt(
+    path: Path, checkpoint: dict[str, Any], dataset_dir: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Our checkpoint layout for a nanoGPT `ckpt.pt`, with the tokenizer nanoGPT would use.
+
+    nanoGPT keeps the tokenizer beside the data (`meta.pkl`), or means GPT-2 BPE when there is
+    none: the same rule applies here, with `data.dataset_dir` as the data folder.
+    """
+    args = checkpoint["model_args"]
+    keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+    model_args = {key: args.get(key) for key in keys}
+    model_args["dropout"] = float(model_args["dropout"] or 0.0)
+    meta_path = Path(dataset_dir) / "meta.pkl"
+    if meta_path.is_file():
+        meta = read_meta(meta_path)
+    elif model_args["vocab_size"] in (50257, 50304):
+        meta = {"vocab_size": 50257, "tokenizer": "tiktoken", "encoding": "gpt2"}
+    else:
+        raise CheckpointError(
+            f"{path}: nanoGPT checkpoint with a vocabulary of {model_args['vocab_size']} and no "
+            f"{meta_path}; set data.dataset_dir to the folder holding its meta.pkl"
+        )
+    weights = {
+        f"model.{key}": value
+        for key, value in strip_compile_prefix(checkpoint["model"]).items()
+        if not key.endswith(".attn.bias")  # causal-mask buffers of old, non-flash nanoGPT
+    }
+    return {"state_dict": weights, SECTION: {"model_args": model_args, "meta": meta}}, meta
+
+
 def sample(cfg: ExperimentConfig) -> tuple[Path, list[str]]:
     """Resolve `sample.ckpt`, load it, and generate `sample.num_samples` texts."""
     path = find_checkpoint(cfg.checkpointing.dirpath, cfg.sample.ckpt)
-    checkpoint = load_checkpoint(path)
+    raw = read_checkpoint(path)
+    if is_nanogpt_checkpoint(raw):
+        checkpoint, meta = from_nanogpt(path, raw, cfg.data.dataset_dir)
+    else:
+        checkpoint = load_checkpoint(path)
+        meta = checkpoint[SECTION]["meta"]
     model = model_from_checkpoint(path, checkpoint)
-    tokenizer = tokenizer_from_meta(checkpoint[SECTION]["meta"])
+    tokenizer = tokenizer_from_meta(meta)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}"
+        )
     return path, generate_text(model, tokenizer, cfg.sample)

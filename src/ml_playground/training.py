@@ -103,7 +103,9 @@ def _quiet_lightning() -> None:
     )
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
     # We override configure_model only to compile; nothing is sharded.
-    warnings.filterwarnings("ignore", message=r".*WeightAveraging callback with a model that overrides.*")
+    warnings.filterwarnings(
+        "ignore", message=r".*WeightAveraging callback with a model that overrides.*"
+    )
 
 
 def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:

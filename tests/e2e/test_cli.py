@@ -1,0 +1,582 @@
+"""End-to-end tests of the console script: `python -m ml_playground ...` in real subprocesses.
+
+Every run uses the tiny experiment of conftest.py in its own temporary folder. Starting Python
+with torch and Lightning costs several seconds per command, so the module trains one run up
+front (`trained`) and starts the independent commands of all tests at once in a small pool
+(`jobs`, as many workers as CPUs); each test then checks the outcome of its own commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SEPARATOR = "-" * 40
+PROMPT = "the "  # sample.prompt of the tiny experiment
+LAST_RE = re.compile(r"ckpt_last_\d{8}\.pt")
+BEST_RE = re.compile(r"ckpt_best_\d{8}_val_loss=\d+\.\d{4}\.pt")
+QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu")
+TRAIN_ENV = "ML_PLAYGROUND_TRAIN_OVERRIDES"
+SAMPLE_ENV = "ML_PLAYGROUND_SAMPLE_OVERRIDES"
+ERROR_PREFIX = "ml-playground: error:"
+
+Result = subprocess.CompletedProcess
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def files(folder: Path, kind: str) -> list[str]:
+    """Sorted names of the `last` or `best` checkpoints in a folder."""
+    pattern = LAST_RE if kind == "last" else BEST_RE
+    prefix = f"ckpt_{kind}_"
+    names = sorted(p.name for p in folder.iterdir() if p.name.startswith(prefix))
+    assert all(pattern.fullmatch(name) for name in names), names
+    return names
+
+
+def last(step: int) -> str:
+    return f"ckpt_last_{step:08d}.pt"
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every file below `folder` with its modification time (ns)."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def samples(stdout: str) -> list[str]:
+    """The texts `sample` printed, each followed by a separator line."""
+    assert stdout.endswith(SEPARATOR + "\n"), stdout
+    chunks = stdout.split(SEPARATOR + "\n")[:-1]
+    assert all(chunk.endswith("\n") for chunk in chunks), chunks
+    return [chunk[:-1] for chunk in chunks]
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Trained:
+    """prepare + the issue's fit command, run once for the module (read-only afterwards)."""
+
+    folder: Path
+    config: Path
+    prepare: Result
+    fit: Result
+    before: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.folder / "ckpt"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.folder / "logs" / "tiny" / "version_0"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_experiment, cli) -> Trained:
+    folder = tmp_path_factory.mktemp("trained").resolve()
+    config = make_experiment(folder)
+    prepare = cli("prepare", "--config", config, cwd=folder)
+    fit = cli(
+        "fit", "--config", config,
+        "--trainer.max_steps", "20",
+        "--trainer.val_check_interval", "10",
+        "--checkpointing.keep.last", "2",
+        *QUIET,
+        cwd=folder,
+    )  # fmt: skip
+    return Trained(folder, config, prepare, fit, snapshot(folder))
+
+
+@dataclass
+class Context:
+    trained: Trained
+    cli: Callable[..., Result]
+    mktemp: Callable[[str], Path]
+    make_experiment: Callable[[Path], Path]
+    errors: ErrorSetup
+
+
+JOBS: dict[str, Callable[[Context], Any]] = {}
+
+
+def job(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
+    """Register a command sequence to start as soon as the module's `trained` run exists."""
+    JOBS[fn.__name__] = fn
+    return fn
+
+
+class Jobs:
+    def __init__(self, futures: dict[str, Future], errors: ErrorSetup) -> None:
+        self.futures, self.errors = futures, errors
+
+    def __getitem__(self, name: str) -> Any:
+        return self.futures[name].result(timeout=900)
+
+
+@pytest.fixture(scope="module")
+def jobs(trained, cli, tmp_path_factory, make_experiment):
+    def mktemp(name: str) -> Path:
+        return tmp_path_factory.mktemp(name).resolve()
+
+    errors = setup_errors(mktemp("errors"), trained)
+    context = Context(trained, cli, mktemp, make_experiment, errors)
+    longest = ("resume_and_validate", "loop_fresh", "print_config_round_trip")
+    todo = {name: JOBS[name] for name in longest} | JOBS
+    todo.update({f"error:{name}": run_error_case(name) for name in ERROR_NAMES})
+    workers = max(2, min(4, os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(fn, context) for name, fn in todo.items()}
+        yield Jobs(futures, errors)
+        for future in futures.values():
+            future.cancel()
+
+
+# --------------------------------------------------------------------------- prepare, fit, sample
+
+
+@job
+def sample_trained(ctx: Context) -> Result:
+    return ctx.cli("sample", "--config", ctx.trained.config, cwd=ctx.trained.folder)
+
+
+def test_prepare_fit_sample_end_to_end(trained: Trained, jobs: Jobs) -> None:
+    assert "prepare: wrote" in trained.prepare.stdout
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        assert (trained.data / name).is_file()
+    out = trained.fit.stdout
+    assert re.search(r"^best val/loss: \d+\.\d{4}  .*ckpt_best_", out, re.M), out
+    assert f"last checkpoint: {trained.ckpt / last(20)}" in out
+    assert "tensorboard --logdir" in out
+
+    result = jobs["sample_trained"]
+    texts = samples(result.stdout)
+    assert len(texts) == 2  # sample.num_samples
+    for text in texts:
+        assert text.startswith(PROMPT)
+        assert len(text) == len(PROMPT) + 24  # char tokens: sample.max_new_tokens characters
+    assert "ckpt_best_" in result.stderr  # sample.ckpt = "best"
+    assert "Traceback" not in result.stderr
+
+
+def test_issue_scenario_checkpoints_and_tensorboard(trained: Trained) -> None:
+    # fit --trainer.max_steps 20 --trainer.val_check_interval 10 --checkpointing.keep.last 2
+    assert files(trained.ckpt, "last") == [last(15), last(20)]
+    best = files(trained.ckpt, "best")
+    assert len(best) == 1  # keep.best = 1
+    assert best[0].startswith(("ckpt_best_00000010_", "ckpt_best_00000020_"))
+    # Only managed files: no temporary files or anything else.
+    assert sorted(p.name for p in trained.ckpt.iterdir()) == sorted([*best, last(15), last(20)])
+
+    checkpoint = torch.load(trained.ckpt / last(20), map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 20
+    section = checkpoint["ml_playground"]
+    assert section["meta"]["vocab_size"] > 0
+    assert tomllib.loads(section["config_toml"])["trainer"]["max_steps"] == 20
+
+    assert (trained.log_dir / "config.toml").is_file()
+    assert list(trained.log_dir.glob("events.out.tfevents.*"))
+    logged = scalars(trained.log_dir)
+    for tag in ("train/loss", "val/loss", "lr"):
+        assert logged.get(tag), f"{tag} missing from {sorted(logged)}"
+    assert len(logged["val/loss"]) == 2  # validations at steps 10 and 20
+    assert len(logged["train/loss"]) == 20  # log_every_n_steps = 1
+
+
+@job
+def loop_fresh(ctx: Context) -> tuple[Path, Result]:
+    folder = ctx.mktemp("loop")
+    config = ctx.make_experiment(folder)
+    result = ctx.cli(
+        "loop", "--config", config,
+        "--trainer.max_steps", "6",
+        "--trainer.val_check_interval", "3",
+        *QUIET,
+        cwd=folder,
+    )  # fmt: skip
+    return folder, result
+
+
+def test_loop_prepares_fits_and_ends_with_samples(jobs: Jobs) -> None:
+    folder, result = jobs["loop_fresh"]
+    out = result.stdout
+    board = f"tensorboard --logdir {folder / 'logs' / 'tiny'}\n"
+    assert out.index("prepare: wrote") < out.index("best val/loss") < out.index(board)
+    texts = samples(out[out.index(board) + len(board) :])
+    assert len(texts) == 2
+    assert all(text.startswith(PROMPT) for text in texts)
+    assert files(folder / "ckpt", "last") == [last(3), last(6)]
+    assert (folder / "data" / "meta.pkl").is_file()
+
+
+# --------------------------------------------------------------------------- printed / logged config
+
+
+PATH_KEYS = (("log_dir",), ("data", "dataset_dir"), ("checkpointing", "dirpath"), ("prepare", "source"))
+
+
+@job
+def print_config_round_trip(ctx: Context) -> tuple[Path, Result, Result]:
+    first = ctx.cli("fit", "--config", ctx.trained.config, "--print_config", cwd=ctx.trained.folder)
+    elsewhere = ctx.mktemp("printed")
+    printed = elsewhere / "sub" / "printed.toml"
+    printed.parent.mkdir()
+    printed.write_text(first.stdout, encoding="utf-8")
+    second = ctx.cli("fit", "--config", printed, "--print_config", cwd=elsewhere)
+    return elsewhere, first, second
+
+
+def test_print_config_is_toml_that_config_accepts(trained: Trained, jobs: Jobs) -> None:
+    elsewhere, first, second = jobs["print_config_round_trip"]
+    assert second.stdout == first.stdout
+    data = tomllib.loads(first.stdout)
+    for keys in PATH_KEYS:
+        value = data
+        for key in keys:
+            value = value[key]
+        assert Path(value).is_absolute(), f"{'.'.join(keys)} = {value!r} is relative"
+    assert same_path(data["data"]["dataset_dir"], trained.data)
+    assert same_path(data["checkpointing"]["dirpath"], trained.ckpt)
+    assert same_path(data["log_dir"], trained.folder / "logs")
+    assert data["model"]["n_layer"] == 1
+    assert data["trainer"]["max_steps"] == 20
+    # Printing writes nothing.
+    assert sorted(p.name for p in elsewhere.rglob("*")) == ["printed.toml", "sub"]
+
+
+@job
+def logged_config_fed_back(ctx: Context) -> Result:
+    logged = ctx.trained.log_dir / "config.toml"
+    return ctx.cli("fit", "--config", logged, "--print_config", cwd=ctx.mktemp("fed_back"))
+
+
+def test_logged_config_can_be_fed_back(trained: Trained, jobs: Jobs) -> None:
+    result = jobs["logged_config_fed_back"]
+    logged = (trained.log_dir / "config.toml").read_text(encoding="utf-8")
+    assert result.stdout == logged
+    data = tomllib.loads(logged)
+    assert data["checkpointing"]["keep"]["last"] == 2
+    assert data["trainer"]["val_check_interval"] == 10
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+@dataclass
+class ErrorCase:
+    args: tuple[str, ...]
+    mentions: tuple[str, ...]
+    exit_code: int | None = 2  # None: any non-zero code
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def error_cases(folder: Path, trained: Trained) -> dict[str, ErrorCase]:
+    """The cases, with the files they need written into `folder`."""
+    text = trained.config.read_text(encoding="utf-8")
+    (folder / "typo.toml").write_text(
+        text.replace("n_layer = 1\n", "n_layer = 1\nn_lyer = 2\n"), encoding="utf-8"
+    )
+    (folder / "wrong_type.toml").write_text(
+        text.replace("n_layer = 1\n", 'n_layer = "two"\n'), encoding="utf-8"
+    )
+    (folder / "latin1.toml").write_bytes(("# café\n" + text).encode("latin-1"))
+    (folder / "empty_ckpt").mkdir()
+    exp = str(trained.config)
+    return {
+        "unknown_key": ErrorCase(("fit", "--config", "typo.toml"), ("typo.toml", "n_lyer")),
+        "unknown_key_elsewhere": ErrorCase(  # prepare validates [model] too
+            ("prepare", "--config", "typo.toml"), ("typo.toml", "model.n_lyer")
+        ),
+        "wrong_type": ErrorCase(
+            ("fit", "--config", "wrong_type.toml"), ("wrong_type.toml", "model.n_layer")
+        ),
+        "negative_keep": ErrorCase(
+            ("fit", "--config", exp, "--checkpointing.keep.last", "-1"),
+            ("checkpointing.keep.last",),
+        ),
+        "invalid_env_json": ErrorCase(
+            ("fit", "--config", exp), (TRAIN_ENV,), env={TRAIN_ENV: '{"trainer": {"max_steps": 5}'}
+        ),
+        "env_unknown_key": ErrorCase(
+            ("fit", "--config", exp), (TRAIN_ENV, "n_lyer"), env={TRAIN_ENV: '{"model": {"n_lyer": 2}}'}
+        ),
+        "env_bad_value": ErrorCase(
+            ("sample", "--config", exp),
+            (SAMPLE_ENV, "sample.num_samples"),
+            env={SAMPLE_ENV: '{"sample": {"num_samples": 0}}'},
+        ),
+        "env_not_an_object": ErrorCase(
+            ("sample", "--config", exp), (SAMPLE_ENV,), env={SAMPLE_ENV: "[1, 2]"}
+        ),
+        "no_prepared_data": ErrorCase(
+            (
+                "fit", "--config", exp,
+                "--data.dataset_dir", "nodata",
+                "--checkpointing.dirpath", "nockpt",
+                "--log_dir", "nologs",
+            ),
+            ("nodata", "meta.pkl"),
+            exit_code=None,
+        ),  # fmt: skip
+        "no_checkpoint": ErrorCase(
+            ("sample", "--config", exp, "--checkpointing.dirpath", "empty_ckpt"),
+            ("empty_ckpt",),
+            exit_code=None,
+        ),
+        "prompt_outside_vocabulary": ErrorCase(
+            ("sample", "--config", exp, "--sample.prompt", "the €"), ("€",), exit_code=None
+        ),
+        "fresh_fit_over_checkpoints": ErrorCase(
+            ("fit", "--config", exp, *QUIET), (str(trained.ckpt), "--ckpt_path last"), exit_code=None
+        ),
+        "missing_config": ErrorCase(("fit", "--config", "nope.toml"), ("nope.toml",)),
+        "non_utf8_config": ErrorCase(("fit", "--config", "latin1.toml"), ("latin1.toml", "UTF-8")),
+    }
+
+
+ERROR_NAMES = (
+    "unknown_key",
+    "unknown_key_elsewhere",
+    "wrong_type",
+    "negative_keep",
+    "invalid_env_json",
+    "env_unknown_key",
+    "env_bad_value",
+    "env_not_an_object",
+    "no_prepared_data",
+    "no_checkpoint",
+    "prompt_outside_vocabulary",
+    "fresh_fit_over_checkpoints",
+    "missing_config",
+    "non_utf8_config",
+)
+
+
+@dataclass
+class ErrorSetup:
+    """The folder the error cases run in, what was written there first, and the cases."""
+
+    folder: Path
+    written: set[str]
+    cases: dict[str, ErrorCase]
+
+
+def setup_errors(folder: Path, trained: Trained) -> ErrorSetup:
+    cases = error_cases(folder, trained)
+    assert sorted(cases) == sorted(ERROR_NAMES)
+    return ErrorSetup(folder, {str(p.relative_to(folder)) for p in folder.rglob("*")}, cases)
+
+
+def run_error_case(name: str) -> Callable[[Context], Result]:
+    def run(ctx: Context) -> Result:
+        case = ctx.errors.cases[name]
+        return ctx.cli(*case.args, cwd=ctx.errors.folder, env=case.env, check=False)
+
+    return run
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_user_error_is_one_clear_line(name: str, jobs: Jobs) -> None:
+    case, result = jobs.errors.cases[name], jobs[f"error:{name}"]
+    report = f"{name}: exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    if case.exit_code is None:
+        assert result.returncode not in (0, None), report
+    else:
+        assert result.returncode == case.exit_code, report
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, report
+    assert lines[0].startswith(ERROR_PREFIX), report
+    for text in case.mentions:
+        assert text in lines[0], f"{text!r} not named\n{report}"
+    assert "Traceback" not in result.stderr + result.stdout, report
+
+
+def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: Jobs) -> None:
+    results = [jobs[f"error:{name}"] for name in ERROR_NAMES]  # wait for all of them
+    assert len(results) == len(ERROR_NAMES)
+    errors = jobs.errors
+    # The failed runs created no folders (data, checkpoints, logs) where they ran ...
+    assert {str(p.relative_to(errors.folder)) for p in errors.folder.rglob("*")} == errors.written
+    # ... and the fresh fit into a folder with checkpoints left the earlier run untouched.
+    ckpt_now = {k: v for k, v in snapshot(trained.folder).items() if k.startswith("ckpt")}
+    ckpt_then = {k: v for k, v in trained.before.items() if k.startswith("ckpt")}
+    assert ckpt_now == ckpt_then
+    assert sorted(p.name for p in (trained.folder / "logs" / "tiny").iterdir()) == ["version_0"]
+
+
+# --------------------------------------------------------------------------- environment overrides
+
+
+def fresh_run_flags(trained: Trained, folder: Path) -> tuple[str, ...]:
+    """Train on the module's prepared data, but write checkpoints and logs into `folder`."""
+    return (
+        "--config", str(trained.config),
+        "--data.dataset_dir", str(trained.data),
+        "--checkpointing.dirpath", str(folder / "ckpt"),
+        "--log_dir", str(folder / "logs"),
+        *QUIET,
+    )  # fmt: skip
+
+
+@job
+def fit_with_train_env(ctx: Context) -> tuple[Path, Result]:
+    folder = ctx.mktemp("train_env")
+    env = {TRAIN_ENV: json.dumps({"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}})}
+    result = ctx.cli("fit", *fresh_run_flags(ctx.trained, folder), cwd=folder, env=env)
+    return folder, result
+
+
+def test_train_env_overrides_change_fit(jobs: Jobs) -> None:
+    folder, result = jobs["fit_with_train_env"]
+    assert files(folder / "ckpt", "last") == [last(5)]
+    assert f"last checkpoint: {folder / 'ckpt' / last(5)}" in result.stdout
+    config = tomllib.loads((folder / "logs" / "tiny" / "version_0" / "config.toml").read_text())
+    assert config["trainer"]["max_steps"] == 5
+    assert config["checkpointing"]["keep"]["last"] == 1
+
+
+@job
+def precedence(ctx: Context) -> Result:
+    env = {
+        TRAIN_ENV: json.dumps({"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}}),
+        SAMPLE_ENV: json.dumps({"sample": {"num_samples": 5}}),
+    }
+    return ctx.cli(
+        "fit", "--config", ctx.trained.config, "--trainer.max_steps", "7", "--print_config",
+        cwd=ctx.mktemp("precedence"), env=env,
+    )  # fmt: skip
+
+
+def test_flags_beat_env_and_sample_env_leaves_fit_alone(jobs: Jobs) -> None:
+    data = tomllib.loads(jobs["precedence"].stdout)
+    assert data["trainer"]["max_steps"] == 7  # flag beats environment
+    assert data["checkpointing"]["keep"]["last"] == 1  # environment beats file
+    assert data["checkpointing"]["keep"]["best"] == 1  # file
+    assert data["sample"]["num_samples"] == 2  # the sample variable is not read by fit
+
+
+@job
+def sample_with_sample_env(ctx: Context) -> Result:
+    env = {SAMPLE_ENV: json.dumps({"sample": {"num_samples": 3, "max_new_tokens": 10}})}
+    return ctx.cli("sample", "--config", ctx.trained.config, cwd=ctx.mktemp("sample_env"), env=env)
+
+
+def test_sample_env_overrides_change_sample(jobs: Jobs) -> None:
+    texts = samples(jobs["sample_with_sample_env"].stdout)
+    assert len(texts) == 3
+    assert all(text.startswith(PROMPT) and len(text) == len(PROMPT) + 10 for text in texts)
+
+
+# --------------------------------------------------------------------------- resume, validate, alias
+
+
+@job
+def resume_and_validate(ctx: Context) -> tuple[Path, Result, Result]:
+    folder = ctx.mktemp("resume")
+    shutil.copytree(ctx.trained.ckpt, folder / "ckpt")
+    flags = fresh_run_flags(ctx.trained, folder)
+    fit = ctx.cli(
+        "fit", *flags, "--ckpt_path", "last", "--trainer.max_steps", "30", cwd=folder
+    )  # fmt: skip
+    validate = ctx.cli(
+        "validate", "--config", ctx.trained.config,
+        "--data.dataset_dir", ctx.trained.data,
+        "--checkpointing.dirpath", folder / "ckpt",
+        "--log_dir", folder / "validate_logs",
+        *QUIET,
+        cwd=folder,
+    )  # fmt: skip
+    return folder, fit, validate
+
+
+def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: Jobs) -> None:
+    folder, fit, validate = jobs["resume_and_validate"]
+    ckpt = folder / "ckpt"
+    assert files(ckpt, "last") == [last(25), last(30)]
+    checkpoint = torch.load(ckpt / last(30), map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 30
+    # The resumed run trained steps 20..29 only: it continued from ckpt_last_00000020.pt.
+    steps = [step for step, _ in scalars(folder / "logs" / "tiny" / "version_0")["train/loss"]]
+    assert steps == list(range(20, 30)), steps
+
+    best = files(ckpt, "best")
+    assert len(best) == 1
+    match = re.search(r"^val/loss: (\d+\.\d{4})$", validate.stdout, re.M)
+    assert match, validate.stdout
+    # validate evaluates the best checkpoint on the same fixed windows that chose it.
+    stored = float(re.search(r"=(\d+\.\d{4})\.pt$", best[0]).group(1))
+    assert abs(float(match.group(1)) - stored) <= 2e-4
+
+
+@job
+def train_alias(ctx: Context) -> tuple[Path, Result]:
+    folder = ctx.mktemp("train_alias")
+    result = ctx.cli(
+        "train", *fresh_run_flags(ctx.trained, folder),
+        "--trainer.max_steps", "5", "--trainer.val_check_interval", "5",
+        cwd=folder,
+    )  # fmt: skip
+    return folder, result
+
+
+def test_train_is_fit(jobs: Jobs) -> None:
+    folder, result = jobs["train_alias"]
+    assert files(folder / "ckpt", "last") == [last(0), last(5)]
+    assert len(files(folder / "ckpt", "best")) == 1
+    assert "best val/loss" in result.stdout
+    assert (folder / "logs" / "tiny" / "version_0" / "config.toml").is_file()
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_help_lists_commands_and_settings(run_cli) -> None:
+    top = run_cli("--help")
+    for command in ("prepare", "fit", "train", "validate", "sample", "loop"):
+        assert re.search(rf"^\s+{command}\s", top.stdout, re.M), top.stdout
+    fit = run_cli("fit", "--help")
+    for option in (
+        "--config",
+        "--print_config",
+        "--ckpt_path",
+        "--model.n_layer",
+        "--data.dataset_dir",
+        "--checkpointing.keep.last",
+        "--trainer.",
+        TRAIN_ENV,
+    ):
+        assert option in fit.stdout, option

@@ -1,0 +1,179 @@
+"""Resume is exact, and killed or interrupted runs leave resumable, intact checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ml_playground.checkpointing import LAST_PATTERN
+
+RESUME_FLAGS = (
+    "--model.dropout", "0.1",  # exercises the restored RNG state too
+    "--model.lr_decay_steps", "40",
+    "--checkpointing.keep.last", "1",
+)  # fmt: skip
+
+
+def train_losses(log_dir: Path) -> dict[int, float]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_is_exact(tmp_path: Path, make_experiment, cli) -> None:
+    straight = make_experiment(tmp_path / "straight")
+    split = make_experiment(tmp_path / "split")
+    for config in (straight, split):
+        cli("prepare", "--config", config, cwd=config.parent)
+
+    cli("fit", "--config", straight, *RESUME_FLAGS, "--trainer.max_steps", "40", cwd=tmp_path)
+    cli("fit", "--config", split, *RESUME_FLAGS, "--trainer.max_steps", "20", cwd=tmp_path)
+    cli(
+        "fit", "--config", split, *RESUME_FLAGS, "--trainer.max_steps", "40",
+        "--ckpt_path", "last", cwd=tmp_path,
+    )  # fmt: skip
+
+    a = weights(straight.parent / "ckpt" / "ckpt_last_00000040.pt")
+    b = weights(split.parent / "ckpt" / "ckpt_last_00000040.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+    # Steps 21..40 (logged at global_step - 1 = 20..39) match one for one.
+    full = train_losses(straight.parent / "logs" / "tiny" / "version_0")
+    resumed = train_losses(split.parent / "logs" / "tiny" / "version_1")
+    assert sorted(resumed) == list(range(20, 40))
+    for step in range(20, 40):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def last_steps(folder: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in folder.glob("*") if (m := LAST_PATTERN.match(p.name)))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+def start_fit(config: Path, *flags: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *flags],
+        cwd=config.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(folder: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s >= step for s in last_steps(folder)):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"fit ended early: {process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint of step {step} within {timeout} s")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.37])
+def test_sigkill_mid_run_then_resume(tmp_path: Path, make_experiment, cli, delay: float) -> None:
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    ckpt = tmp_path / "ckpt"
+    flags = ("--trainer.max_steps", "100000", "--checkpointing.every_n_steps", "2")
+    process = start_fit(config, *flags)
+    try:
+        wait_for_step(ckpt, 6, process)
+        time.sleep(delay)  # somewhere between two writes, or in the middle of one
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_at = max(last_steps(ckpt))
+    final = killed_at + 6
+    cli(
+        "fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps", str(final),
+        "--checkpointing.every_n_steps", "2", cwd=tmp_path,
+    )  # fmt: skip
+    assert leftovers(ckpt) == []
+    assert last_steps(ckpt) == [final - 2, final]  # keep.last = 2, every 2 steps
+    for path in ckpt.glob("ckpt_*.pt"):
+        torch.load(path, map_location="cpu", weights_only=True)  # every file is whole
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_writes_a_last_checkpoint_of_the_current_step(
+    tmp_path: Path, make_experiment, cli, sig: signal.Signals
+) -> None:
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    ckpt = tmp_path / "ckpt"
+    # Only step 0 would be written on schedule: anything later comes from the interrupt.
+    process = start_fit(config, "--trainer.max_steps", "100000",
+                        "--checkpointing.every_n_steps", "100000")  # fmt: skip
+    try:
+        wait_for_step(ckpt, 0, process)
+        time.sleep(1.5)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "Traceback" not in stderr
+    steps = last_steps(ckpt)
+    assert steps[0] == 0 and steps[-1] > 0, (steps, stderr)
+    assert leftovers(ckpt) == []
+    cli("fit", "--config", config, "--ckpt_path", "last",
+        "--trainer.max_steps", str(steps[-1] + 3), cwd=tmp_path)  # fmt: skip
+    assert max(last_steps(ckpt)) == steps[-1] + 3
+
+
+def test_sample_from_a_nanogpt_checkpoint(tmp_path: Path, make_experiment, cli) -> None:
+    """nanoGPT's ckpt.pt (keys model, optimizer, model_args, iter_num, best_val_loss, config)."""
+    from ml_playground.model.gpt import GPT, GPTConfig
+    from ml_playground.prepare import read_meta
+
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    meta = read_meta(tmp_path / "data" / "meta.pkl")
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False,
+                vocab_size=meta["vocab_size"], dropout=0.0)  # fmt: skip
+    model = GPT(GPTConfig(**args))
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # saved compiled
+    nanogpt = {
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "model_args": args,
+        "iter_num": 100,
+        "best_val_loss": torch.tensor(1.5),
+        "config": {"dataset": "tiny", "batch_size": 4},
+    }
+    path = tmp_path / "out" / "ckpt.pt"
+    path.parent.mkdir()
+    torch.save(nanogpt, path)
+    result = cli("sample", "--config", config, "--sample.ckpt", path, cwd=tmp_path)
+    assert result.stdout.count("-" * 40) == 2
+    assert re.search(r"the ", result.stdout)
+    # fit cannot resume it, and says so in one line.
+    bad = cli("fit", "--config", config, "--ckpt_path", path, cwd=tmp_path, check=False)
+    assert bad.returncode == 1
+    assert "nanoGPT checkpoint" in bad.stderr and "Traceback" not in bad.stderr
