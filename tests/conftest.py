@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while king and queen speak of love "
-    "war night day sword crown heart blood field river wind stone fire gold"
-).split()
+WORDS = [
+    *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "king"),
+    *("and", "queen", "speak", "of", "love", "war", "night", "day", "sword", "crown"),
+    *("heart", "blood", "field", "river", "wind", "stone", "fire", "gold"),
+]
 
 # The settings every test run uses: a model small enough to train in seconds on a CPU.
 TINY_TOML = """\
@@ -149,6 +150,9 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
     `check=True` a non-zero exit fails the test and shows stdout and stderr.
     """
     cache = tmp_path_factory.mktemp("ml_playground_cache")
+    # Children share one bytecode cache outside the repository: compiling torch and Lightning
+    # afresh costs every command seconds when no .pyc files were installed.
+    pycache = tmp_path_factory.mktemp("pycache")
 
     def run(
         *args: str | os.PathLike[str],
@@ -158,6 +162,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
     ) -> subprocess.CompletedProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
         full_env["ML_PLAYGROUND_CACHE"] = str(cache)
+        full_env.pop("PYTHONDONTWRITEBYTECODE", None)
+        full_env["PYTHONPYCACHEPREFIX"] = str(pycache)
         for key, value in (env or {}).items():
             if value is None:
                 full_env.pop(key, None)

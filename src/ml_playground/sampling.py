@@ -65,7 +65,11 @@ def generate_text(
     text = read_prompt(settings.prompt)
     if not text:
         raise SamplingError('sample.prompt is empty; give at least one token, e.g. "\\n"')
-    ids = tokenizer.encode(text)
+    try:
+        ids = tokenizer.encode(text)
+    except SamplingError as exc:
+        where = settings.prompt if settings.prompt.startswith(PROMPT_FILE_PREFIX) else "text"
+        raise SamplingError(f"sample.prompt ({where[:80]}): {exc}") from None
     if not ids:
         raise SamplingError("sample.prompt encodes to no tokens; give a longer prompt")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

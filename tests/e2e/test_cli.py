@@ -111,14 +111,8 @@ def trained(tmp_path_factory, make_experiment, cli) -> Trained:
     folder = tmp_path_factory.mktemp("trained").resolve()
     config = make_experiment(folder)
     prepare = cli("prepare", "--config", config, cwd=folder)
-    fit = cli(
-        "fit", "--config", config,
-        "--trainer.max_steps", "20",
-        "--trainer.val_check_interval", "10",
-        "--checkpointing.keep.last", "2",
-        *QUIET,
-        cwd=folder,
-    )  # fmt: skip
+    issue = "--trainer.max_steps 20 --trainer.val_check_interval 10 --checkpointing.keep.last 2"
+    fit = cli("fit", "--config", config, *issue.split(), *QUIET, cwd=folder)
     return Trained(folder, config, prepare, fit, snapshot(folder))
 
 
@@ -189,7 +183,6 @@ def test_prepare_fit_sample_end_to_end(trained: Trained, jobs: Jobs) -> None:
     for text in texts:
         assert text.startswith(PROMPT)
         assert len(text) == len(PROMPT) + 24  # char tokens: sample.max_new_tokens characters
-    assert "ckpt_best_" in result.stderr  # sample.ckpt = "best"
     assert "Traceback" not in result.stderr
 
 
@@ -207,6 +200,11 @@ def test_issue_scenario_checkpoints_and_tensorboard(trained: Trained) -> None:
     section = checkpoint["ml_playground"]
     assert section["meta"]["vocab_size"] > 0
     assert tomllib.loads(section["config_toml"])["trainer"]["max_steps"] == 20
+    # The best of step 20 (if any) was written before the last of step 20, so resuming from
+    # ckpt_last_00000020.pt starts with the best score reached so far.
+    state = checkpoint["callbacks"]["GPTCheckpoint"]
+    best_value = float(re.search(r"=(\d+\.\d{4})\.pt$", best[0]).group(1))
+    assert state["best_score"] == pytest.approx(best_value, abs=5e-5)
 
     assert (trained.log_dir / "config.toml").is_file()
     assert list(trained.log_dir.glob("events.out.tfevents.*"))
@@ -221,13 +219,8 @@ def test_issue_scenario_checkpoints_and_tensorboard(trained: Trained) -> None:
 def loop_fresh(ctx: Context) -> tuple[Path, Result]:
     folder = ctx.mktemp("loop")
     config = ctx.make_experiment(folder)
-    result = ctx.cli(
-        "loop", "--config", config,
-        "--trainer.max_steps", "6",
-        "--trainer.val_check_interval", "3",
-        *QUIET,
-        cwd=folder,
-    )  # fmt: skip
+    steps = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3"]
+    result = ctx.cli("loop", "--config", config, *steps, *QUIET, cwd=folder)
     return folder, result
 
 
@@ -239,14 +232,19 @@ def test_loop_prepares_fits_and_ends_with_samples(jobs: Jobs) -> None:
     texts = samples(out[out.index(board) + len(board) :])
     assert len(texts) == 2
     assert all(text.startswith(PROMPT) for text in texts)
-    assert files(folder / "ckpt", "last") == [last(3), last(6)]
+    assert files(folder / "ckpt", "last") == [last(5), last(6)]  # every_n_steps = 5
     assert (folder / "data" / "meta.pkl").is_file()
 
 
 # --------------------------------------------------------------------------- printed / logged config
 
 
-PATH_KEYS = (("log_dir",), ("data", "dataset_dir"), ("checkpointing", "dirpath"), ("prepare", "source"))
+PATH_KEYS = (
+    ("log_dir",),
+    ("data", "dataset_dir"),
+    ("checkpointing", "dirpath"),
+    ("prepare", "source"),
+)
 
 
 @job
@@ -315,6 +313,8 @@ def error_cases(folder: Path, trained: Trained) -> dict[str, ErrorCase]:
     )
     (folder / "latin1.toml").write_bytes(("# café\n" + text).encode("latin-1"))
     (folder / "empty_ckpt").mkdir()
+    whole = (trained.ckpt / last(20)).read_bytes()
+    (folder / "truncated.pt").write_bytes(whole[: len(whole) // 2])
     exp = str(trained.config)
     return {
         "unknown_key": ErrorCase(("fit", "--config", "typo.toml"), ("typo.toml", "n_lyer")),
@@ -332,7 +332,9 @@ def error_cases(folder: Path, trained: Trained) -> dict[str, ErrorCase]:
             ("fit", "--config", exp), (TRAIN_ENV,), env={TRAIN_ENV: '{"trainer": {"max_steps": 5}'}
         ),
         "env_unknown_key": ErrorCase(
-            ("fit", "--config", exp), (TRAIN_ENV, "n_lyer"), env={TRAIN_ENV: '{"model": {"n_lyer": 2}}'}
+            ("fit", "--config", exp),
+            (TRAIN_ENV, "n_lyer"),
+            env={TRAIN_ENV: '{"model": {"n_lyer": 2}}'},
         ),
         "env_bad_value": ErrorCase(
             ("sample", "--config", exp),
@@ -344,14 +346,19 @@ def error_cases(folder: Path, trained: Trained) -> dict[str, ErrorCase]:
         ),
         "no_prepared_data": ErrorCase(
             (
-                "fit", "--config", exp,
-                "--data.dataset_dir", "nodata",
-                "--checkpointing.dirpath", "nockpt",
-                "--log_dir", "nologs",
+                "fit",
+                "--config",
+                exp,
+                "--data.dataset_dir",
+                "nodata",
+                "--checkpointing.dirpath",
+                "nockpt",
+                "--log_dir",
+                "nologs",
             ),
             ("nodata", "meta.pkl"),
             exit_code=None,
-        ),  # fmt: skip
+        ),
         "no_checkpoint": ErrorCase(
             ("sample", "--config", exp, "--checkpointing.dirpath", "empty_ckpt"),
             ("empty_ckpt",),
@@ -361,7 +368,19 @@ def error_cases(folder: Path, trained: Trained) -> dict[str, ErrorCase]:
             ("sample", "--config", exp, "--sample.prompt", "the €"), ("€",), exit_code=None
         ),
         "fresh_fit_over_checkpoints": ErrorCase(
-            ("fit", "--config", exp, *QUIET), (str(trained.ckpt), "--ckpt_path last"), exit_code=None
+            ("fit", "--config", exp, *QUIET),
+            (str(trained.ckpt), "--ckpt_path last"),
+            exit_code=None,
+        ),
+        "resume_with_other_shape": ErrorCase(
+            ("fit", "--config", exp, "--ckpt_path", "last", "--model.n_layer", "2", *QUIET),
+            ("model.n_layer", last(20)),
+            exit_code=None,
+        ),
+        "truncated_checkpoint": ErrorCase(
+            ("sample", "--config", exp, "--sample.ckpt", "truncated.pt"),
+            ("truncated.pt",),
+            exit_code=None,
         ),
         "missing_config": ErrorCase(("fit", "--config", "nope.toml"), ("nope.toml",)),
         "non_utf8_config": ErrorCase(("fit", "--config", "latin1.toml"), ("latin1.toml", "UTF-8")),
@@ -381,6 +400,8 @@ ERROR_NAMES = (
     "no_checkpoint",
     "prompt_outside_vocabulary",
     "fresh_fit_over_checkpoints",
+    "resume_with_other_shape",
+    "truncated_checkpoint",
     "missing_config",
     "non_utf8_config",
 )
@@ -425,6 +446,12 @@ def test_user_error_is_one_clear_line(name: str, jobs: Jobs) -> None:
     assert "Traceback" not in result.stderr + result.stdout, report
 
 
+def test_prompt_error_names_the_setting(jobs: Jobs) -> None:
+    result = jobs["error:prompt_outside_vocabulary"]
+    assert result.returncode != 0
+    assert "sample.prompt" in result.stderr
+
+
 def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: Jobs) -> None:
     results = [jobs[f"error:{name}"] for name in ERROR_NAMES]  # wait for all of them
     assert len(results) == len(ERROR_NAMES)
@@ -444,18 +471,24 @@ def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: Jobs) -> 
 def fresh_run_flags(trained: Trained, folder: Path) -> tuple[str, ...]:
     """Train on the module's prepared data, but write checkpoints and logs into `folder`."""
     return (
-        "--config", str(trained.config),
-        "--data.dataset_dir", str(trained.data),
-        "--checkpointing.dirpath", str(folder / "ckpt"),
-        "--log_dir", str(folder / "logs"),
+        "--config",
+        str(trained.config),
+        "--data.dataset_dir",
+        str(trained.data),
+        "--checkpointing.dirpath",
+        str(folder / "ckpt"),
+        "--log_dir",
+        str(folder / "logs"),
         *QUIET,
-    )  # fmt: skip
+    )
 
 
 @job
 def fit_with_train_env(ctx: Context) -> tuple[Path, Result]:
     folder = ctx.mktemp("train_env")
-    env = {TRAIN_ENV: json.dumps({"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}})}
+    env = {
+        TRAIN_ENV: json.dumps({"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}})
+    }
     result = ctx.cli("fit", *fresh_run_flags(ctx.trained, folder), cwd=folder, env=env)
     return folder, result
 
@@ -472,13 +505,21 @@ def test_train_env_overrides_change_fit(jobs: Jobs) -> None:
 @job
 def precedence(ctx: Context) -> Result:
     env = {
-        TRAIN_ENV: json.dumps({"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}}),
+        TRAIN_ENV: json.dumps(
+            {"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}}
+        ),
         SAMPLE_ENV: json.dumps({"sample": {"num_samples": 5}}),
     }
     return ctx.cli(
-        "fit", "--config", ctx.trained.config, "--trainer.max_steps", "7", "--print_config",
-        cwd=ctx.mktemp("precedence"), env=env,
-    )  # fmt: skip
+        "fit",
+        "--config",
+        ctx.trained.config,
+        "--trainer.max_steps",
+        "7",
+        "--print_config",
+        cwd=ctx.mktemp("precedence"),
+        env=env,
+    )
 
 
 def test_flags_beat_env_and_sample_env_leaves_fit_alone(jobs: Jobs) -> None:
@@ -509,23 +550,27 @@ def resume_and_validate(ctx: Context) -> tuple[Path, Result, Result]:
     folder = ctx.mktemp("resume")
     shutil.copytree(ctx.trained.ckpt, folder / "ckpt")
     flags = fresh_run_flags(ctx.trained, folder)
-    fit = ctx.cli(
-        "fit", *flags, "--ckpt_path", "last", "--trainer.max_steps", "30", cwd=folder
-    )  # fmt: skip
+    fit = ctx.cli("fit", *flags, "--ckpt_path", "last", "--trainer.max_steps", "30", cwd=folder)
     validate = ctx.cli(
-        "validate", "--config", ctx.trained.config,
-        "--data.dataset_dir", ctx.trained.data,
-        "--checkpointing.dirpath", folder / "ckpt",
-        "--log_dir", folder / "validate_logs",
+        "validate",
+        "--config",
+        ctx.trained.config,
+        "--data.dataset_dir",
+        ctx.trained.data,
+        "--checkpointing.dirpath",
+        folder / "ckpt",
+        "--log_dir",
+        folder / "validate_logs",
         *QUIET,
         cwd=folder,
-    )  # fmt: skip
+    )
     return folder, fit, validate
 
 
 def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: Jobs) -> None:
     folder, fit, validate = jobs["resume_and_validate"]
     ckpt = folder / "ckpt"
+    assert f"last checkpoint: {ckpt / last(30)}" in fit.stdout
     assert files(ckpt, "last") == [last(25), last(30)]
     checkpoint = torch.load(ckpt / last(30), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 30
@@ -545,11 +590,8 @@ def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: Jobs) -> None
 @job
 def train_alias(ctx: Context) -> tuple[Path, Result]:
     folder = ctx.mktemp("train_alias")
-    result = ctx.cli(
-        "train", *fresh_run_flags(ctx.trained, folder),
-        "--trainer.max_steps", "5", "--trainer.val_check_interval", "5",
-        cwd=folder,
-    )  # fmt: skip
+    steps = ["--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
+    result = ctx.cli("train", *fresh_run_flags(ctx.trained, folder), *steps, cwd=folder)
     return folder, result
 
 

@@ -1,0 +1,177 @@
+"""Training speed: `fit` (Lightning) against a plain PyTorch loop over the same GPT and data.
+
+Both run the same model, optimizer, schedule, gradient clipping and batches, interleaved
+A B A B ... so that machine noise hits both alike. Reported: median ms per optimizer step after
+warm-up, tokens per second, and the ratio fit / plain.
+
+    uv run python benchmarks/train_throughput.py                       # CPU recipe
+    uv run python benchmarks/train_throughput.py --config configs/shakespeare_char_gpu.toml \\
+        --steps 100 --rounds 3
+
+Checkpoints and validation are switched off in both, so the figure is the training step alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ml_playground.configuration import load_config
+from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.data import GPTDataModule, RandomWindows
+from ml_playground.model.module import GPTLightningModule, WarmupCosine
+from ml_playground.prepare import artifacts_ready, run_prepare
+from ml_playground.training import build
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def ensure_data(cfg: ExperimentConfig) -> None:
+    if artifacts_ready(cfg.data.dataset_dir):
+        return
+    source = cfg.prepare.source
+    if source.startswith("http") and SHARED_CORPUS.is_file():
+        source = str(SHARED_CORPUS)  # offline machines
+    run_prepare(
+        source,
+        cfg.prepare.source_sha256 or None,
+        cfg.prepare.tokenizer,
+        cfg.prepare.val_fraction,
+        cfg.data.dataset_dir,
+    )
+
+
+def step_durations(stamps: list[float], warmup: int) -> list[float]:
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False)]
+
+
+def run_fit(cfg: ExperimentConfig, steps: int) -> list[float]:
+    trainer, module, datamodule, _ = build(cfg, None)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)  # type: ignore[attr-defined]
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times
+
+
+def run_plain(cfg: ExperimentConfig, steps: int) -> list[float]:
+    """What a user would write by hand: the same pieces, no framework."""
+    pl.seed_everything(cfg.seed_everything, verbose=False)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda" if use_cuda else "cpu")
+    data = GPTDataModule(
+        cfg.data.dataset_dir, cfg.data.batch_size, cfg.data.block_size, cfg.data.val_batches
+    )
+    module = GPTLightningModule(cfg.model, data.vocab_size, cfg.data.batch_size)
+    model = module.model.to(device)
+    if cfg.model.compile:
+        model.compile()
+    m = cfg.model
+    optimizer = torch.optim.AdamW(
+        model.configure_param_groups(m.weight_decay),
+        lr=m.learning_rate,
+        betas=(m.beta1, m.beta2),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(m.warmup_steps, m.lr_decay_steps, m.learning_rate, m.min_lr)
+    )
+    stream = iter(
+        torch.utils.data.DataLoader(
+            RandomWindows(
+                data.dataset_dir / "train.bin",
+                data.dtype,
+                cfg.data.batch_size,
+                cfg.data.block_size,
+                cfg.seed_everything,
+                0,
+            ),
+            batch_size=None,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision.startswith("bf16")
+        else contextlib.nullcontext()
+    )
+    clip = cfg.trainer.get("gradient_clip_val")
+    model.train()
+    stamps = []
+    for _ in range(steps):
+        x, y = next(stream)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "shakespeare_char.toml")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="A B rounds")
+    parser.add_argument("--warmup", type=int, default=20, help="steps ignored per round")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = [
+            ("trainer.max_steps", str(args.steps)),
+            ("trainer.val_check_interval", str(10**9)),
+            ("trainer.limit_val_batches", "0"),
+            ("trainer.enable_progress_bar", "false"),
+            ("checkpointing.keep.last", "0"),
+            ("checkpointing.keep.best", "0"),
+            ("checkpointing.dirpath", f"{tmp}/ckpt"),
+            ("log_dir", f"{tmp}/logs"),
+            *[(k, v) for k, v in args.set],
+        ]
+        cfg = load_config([args.config], flags)
+        ensure_data(cfg)
+        fit_ms: list[float] = []
+        plain_ms: list[float] = []
+        for _ in range(args.rounds):
+            fit_ms += [1000 * d for d in step_durations(run_fit(cfg, args.steps), args.warmup)]
+            plain_ms += [1000 * d for d in step_durations(run_plain(cfg, args.steps), args.warmup)]
+    tokens = cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"config: {args.config.name}  device: {device}  threads: {torch.get_num_threads()}")
+    print(f"{'':8} {'median ms/step':>15} {'tokens/s':>10}")
+    for name, values in (("fit", fit_ms), ("plain", plain_ms)):
+        median = statistics.median(values)
+        print(f"{name:8} {median:15.2f} {tokens / median * 1000:10.0f}")
+    print(f"ratio fit/plain: {statistics.median(fit_ms) / statistics.median(plain_ms):.3f}")
+
+
+if __name__ == "__main__":
+    main()

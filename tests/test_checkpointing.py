@@ -1,0 +1,326 @@
+"""Checkpoint names, lookup, safe loading, compatibility checks, atomic writes and rotation.
+
+The rotation tests drive a real (tiny) Lightning run in-process through
+`ml_playground.training.fit`, with configurations from the real loader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_playground.checkpointing import (
+    FORMAT_VERSION,
+    SECTION,
+    AtomicCheckpointIO,
+    best_name,
+    check_compatible,
+    find_checkpoint,
+    last_name,
+    load_checkpoint,
+)
+from ml_playground.configuration import load_config
+from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.errors import CheckpointError
+from ml_playground.prepare import prepare_char_corpus
+from ml_playground.training import fit
+
+MAX_STEPS = 11
+EVERY_N_STEPS = 4  # last at 0, 4, 8 and (end of training) 11
+VAL_CHECK_INTERVAL = 3  # validations (best candidates) at 3, 6, 9
+LAST_RE = re.compile(r"ckpt_last_(\d{8})\.pt")
+BEST_RE = re.compile(r"ckpt_best_(\d{8})_val_loss=(\d+\.\d{4})\.pt")
+
+
+def names(folder: Path, kind: str) -> list[str]:
+    """The `last` or `best` checkpoints in `folder`, oldest step first (names sort by step)."""
+    pattern = LAST_RE if kind == "last" else BEST_RE
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if pattern.fullmatch(p.name))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Prepared:
+    folder: Path
+    config: Path
+
+    def load(self, run_dir: Path, **overrides: object) -> ExperimentConfig:
+        """The tiny experiment, writing into `run_dir`, with dotted overrides (a__b = a.b)."""
+        flags = {
+            "checkpointing.dirpath": str(run_dir / "ckpt"),
+            "log_dir": str(run_dir / "logs"),
+            "trainer.max_steps": MAX_STEPS,
+            "trainer.val_check_interval": VAL_CHECK_INTERVAL,
+            "trainer.enable_model_summary": False,
+            "checkpointing.every_n_steps": EVERY_N_STEPS,
+        }
+        flags.update({key.replace("__", "."): value for key, value in overrides.items()})
+        pairs = [(key, _flag_text(value)) for key, value in flags.items()]
+        return load_config([self.config], pairs)
+
+
+def _flag_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, make_experiment) -> Prepared:
+    folder = tmp_path_factory.mktemp("prepared")
+    config = make_experiment(folder)
+    prepare_char_corpus(
+        (folder / "corpus.txt").read_text(encoding="utf-8"), folder / "data", val_fraction=0.1
+    )
+    return Prepared(folder, config)
+
+
+@dataclass
+class Reference:
+    """A run that keeps every checkpoint: what was written, in order."""
+
+    ckpt: Path
+    last: list[str]
+    best: list[str]
+
+
+@pytest.fixture(scope="module")
+def reference(prepared: Prepared, tmp_path_factory) -> Reference:
+    run_dir = tmp_path_factory.mktemp("reference")
+    fit(prepared.load(run_dir, checkpointing__keep__last=100, checkpointing__keep__best=100))
+    ckpt = run_dir / "ckpt"
+    return Reference(ckpt, names(ckpt, "last"), names(ckpt, "best"))
+
+
+# --------------------------------------------------------------------------- names and lookup
+
+
+def test_last_name_is_zero_padded_step() -> None:
+    assert last_name(0) == "ckpt_last_00000000.pt"
+    assert last_name(2000) == "ckpt_last_00002000.pt"
+    assert LAST_RE.fullmatch(last_name(12345678))
+
+
+def test_best_name_carries_metric_and_value() -> None:
+    assert best_name(2000, "val/loss", 1.47271) == "ckpt_best_00002000_val_loss=1.4727.pt"
+    assert BEST_RE.fullmatch(best_name(7, "val/loss", 12.0))
+
+
+@pytest.mark.parametrize("metric", ["val/loss", "val loss", "a:b\\c*d?e", "../../x", "val/ppl"])
+def test_best_name_is_filename_safe(metric: str, tmp_path: Path) -> None:
+    name = best_name(3, metric, 0.5)
+    assert re.fullmatch(r"[A-Za-z0-9_.=-]+", name), name
+    assert name.startswith("ckpt_best_00000003_") and name.endswith("=0.5000.pt")
+    (tmp_path / name).write_bytes(b"")  # a plain file name in the folder, not a path below it
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_find_checkpoint_picks_highest_step(tmp_path: Path) -> None:
+    for name in (
+        last_name(9),
+        last_name(100),
+        last_name(10),
+        best_name(5, "val/loss", 2.0),
+        best_name(40, "val/loss", 1.5),
+        best_name(7, "val/loss", 1.9),
+        "ckpt_last_latest.pt",  # not one of ours
+        "ckpt_last_999999999.pt",
+        "notes.txt",
+    ):
+        (tmp_path / name).write_bytes(b"")
+    assert find_checkpoint(tmp_path, "last") == tmp_path / last_name(100)
+    assert find_checkpoint(tmp_path, "best") == tmp_path / best_name(40, "val/loss", 1.5)
+    given = tmp_path / last_name(9)
+    assert find_checkpoint(tmp_path, str(given)) == given
+
+
+def test_find_checkpoint_errors_name_the_folder(tmp_path: Path) -> None:
+    for which in ("last", "best"):
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path))):
+            find_checkpoint(tmp_path, which)
+    with pytest.raises(CheckpointError, match="not found"):
+        find_checkpoint(tmp_path, str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError):
+        find_checkpoint(tmp_path / "no_such_folder", "last")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_real_checkpoint_loads(reference: Reference) -> None:
+    path = reference.ckpt / reference.last[-1]
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["global_step"] == MAX_STEPS
+    section = checkpoint[SECTION]
+    assert section["format_version"] == FORMAT_VERSION
+    assert section["model_args"]["n_layer"] == 1
+    assert section["meta"]["vocab_size"] == section["model_args"]["vocab_size"]
+    assert "[model]" in section["config_toml"]
+    assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
+
+
+def test_last_checkpoint_carries_the_best_score_of_its_step(reference: Reference) -> None:
+    """A best file of step N is written before the last file of step N, so resuming from
+    that last file knows the best score reached at step N."""
+    checkpoint = load_checkpoint(reference.ckpt / reference.last[-1])
+    state = checkpoint["callbacks"]["GPTCheckpoint"]
+    best_value = float(BEST_RE.fullmatch(reference.best[-1]).group(2))
+    assert state["best_score"] == pytest.approx(best_value, abs=5e-5)
+    assert state["best_step"] == int(BEST_RE.fullmatch(reference.best[-1]).group(1))
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error(reference: Reference, tmp_path: Path) -> None:
+    data = (reference.ckpt / reference.last[-1]).read_bytes()
+    path = tmp_path / last_name(MAX_STEPS)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_checkpoint(path)
+
+
+def test_random_bytes_are_a_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / "noise.pt"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_checkpoint(path)
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint\n", encoding="utf-8")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(text)
+
+
+def test_foreign_torch_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": 3}, path)
+    with pytest.raises(CheckpointError, match=SECTION):
+        load_checkpoint(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="not an ml-playground checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_format_version_is_refused(reference: Reference, tmp_path: Path) -> None:
+    checkpoint = torch.load(reference.ckpt / reference.last[-1], weights_only=True)
+    checkpoint[SECTION]["format_version"] = FORMAT_VERSION + 1
+    path = tmp_path / "future.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="newer"):
+        load_checkpoint(path)
+
+
+def test_missing_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_check_compatible(reference: Reference) -> None:
+    path = reference.ckpt / reference.last[-1]
+    checkpoint = load_checkpoint(path)
+    args = dict(checkpoint[SECTION]["model_args"])
+    vocab = args["vocab_size"]
+    check_compatible(path, checkpoint, args, vocab)  # the same shape: fine
+    with pytest.raises(CheckpointError, match="n_layer"):
+        check_compatible(path, checkpoint, {**args, "n_layer": 2}, vocab)
+    with pytest.raises(CheckpointError, match="n_embd"):
+        check_compatible(path, checkpoint, {**args, "n_embd": 32}, vocab)
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        check_compatible(path, checkpoint, args, vocab + 1)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_checkpoint_io_leaves_only_the_final_file(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "sub" / last_name(1)
+    io.save_checkpoint({"weights": torch.arange(4)}, path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(4))
+
+
+def test_atomic_checkpoint_io_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / last_name(1)
+    io.save_checkpoint({"weights": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
+        io.save_checkpoint({"weights": torch.zeros(2), "bad": lambda: None}, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- rotation
+
+
+def test_reference_run_writes_step_zero_every_n_and_final(reference: Reference) -> None:
+    assert reference.last == [last_name(s) for s in (0, 4, 8, MAX_STEPS)]
+    assert reference.best, "at least the first validation is an improvement"
+    steps = [int(BEST_RE.fullmatch(name).group(1)) for name in reference.best]
+    values = [float(BEST_RE.fullmatch(name).group(2)) for name in reference.best]
+    assert steps[0] == VAL_CHECK_INTERVAL
+    assert set(steps) <= {3, 6, 9}
+    assert values == sorted(values, reverse=True)  # each one improves on the one before
+
+
+@pytest.mark.parametrize(
+    ("keep_last", "keep_best"),
+    [(0, 0), (0, 2), (1, 0), (1, 1), (2, 1), (3, 2), (5, 5)],
+)
+def test_rotation_keeps_exactly_the_newest(
+    keep_last: int, keep_best: int, prepared: Prepared, reference: Reference, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    foreign = ["notes.txt", "ckpt_last_final.pt", "ckpt_best.pt", "model.pt"]
+    for name in foreign:
+        (ckpt / name).write_text(name, encoding="utf-8")
+    cfg = prepared.load(
+        tmp_path, checkpointing__keep__last=keep_last, checkpointing__keep__best=keep_best
+    )
+    if keep_last == keep_best == 0:
+        with pytest.warns(UserWarning, match="both 0"):
+            result = fit(cfg)
+    else:
+        result = fit(cfg)
+
+    last = names(ckpt, "last")
+    best = names(ckpt, "best")
+    assert len(last) == min(keep_last, len(reference.last))
+    assert len(best) == min(keep_best, len(reference.best))
+    assert last == (reference.last[-keep_last:] if keep_last else [])
+    assert best == (reference.best[-keep_best:] if keep_best else [])
+    if keep_last:
+        assert last[-1] == last_name(MAX_STEPS)
+        assert result.last_checkpoint == ckpt / last_name(MAX_STEPS)
+    if keep_last >= len(reference.last):
+        assert last[0] == last_name(0)  # written before the first step
+    # Rotation touched nothing it does not manage, and left no temporary files.
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(foreign + last + best)
+    for name in foreign:
+        assert (ckpt / name).read_text(encoding="utf-8") == name
+
+
+def test_resumed_run_continues_the_windows_of_existing_files(
+    prepared: Prepared, reference: Reference, tmp_path: Path
+) -> None:
+    """Files already in the folder count towards the windows once the resumed run writes."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference.ckpt, ckpt)
+    cfg = prepared.load(
+        tmp_path,
+        checkpointing__keep__last=1,
+        checkpointing__keep__best=100,
+        trainer__max_steps=MAX_STEPS + 1,
+    )
+    fit(cfg, "last")
+    assert names(ckpt, "last") == [last_name(MAX_STEPS + 1)]
+    assert names(ckpt, "best")[: len(reference.best)] == reference.best
