@@ -163,7 +163,9 @@ def main() -> None:
         for _ in range(args.rounds):
             fit_ms += [1000 * d for d in step_durations(run_fit(cfg, args.steps), args.warmup)]
             plain_ms += [1000 * d for d in step_durations(run_plain(cfg, args.steps), args.warmup)]
-    tokens = cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    tokens = (
+        cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"config: {args.config.name}  device: {device}  threads: {torch.get_num_threads()}")
     print(f"{'':8} {'median ms/step':>15} {'tokens/s':>10}")

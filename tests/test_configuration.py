@@ -53,7 +53,10 @@ def test_shipped_configs_validate() -> None:
 
 
 def test_experiment_file_is_deep_merged_over_defaults(tmp_path: Path) -> None:
-    path = write(tmp_path / "e.toml", 'experiment = "x"\n[model]\nn_layer = 2\n[checkpointing.keep]\nlast = 5\n')
+    path = write(
+        tmp_path / "e.toml",
+        'experiment = "x"\n[model]\nn_layer = 2\n[checkpointing.keep]\nlast = 5\n',
+    )
     cfg = load_experiment_toml(path)
     assert cfg.model.n_layer == 2
     assert cfg.model.n_head == packaged_defaults().data["model"]["n_head"]  # sibling kept
@@ -68,9 +71,16 @@ def test_later_config_files_override_earlier(tmp_path: Path) -> None:
     assert (cfg.model.n_layer, cfg.model.n_head) == (3, 2)
 
 
-def test_precedence_defaults_files_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write(tmp_path / "e.toml", "[trainer]\nmax_steps = 10\nlog_every_n_steps = 3\n[model]\nn_layer = 2\n")
-    monkeypatch.setenv(TRAIN_OVERRIDES_ENV, '{"trainer": {"max_steps": 20}, "model": {"n_layer": 5}}')
+def test_precedence_defaults_files_env_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path / "e.toml",
+        "[trainer]\nmax_steps = 10\nlog_every_n_steps = 3\n[model]\nn_layer = 2\n",
+    )
+    monkeypatch.setenv(
+        TRAIN_OVERRIDES_ENV, '{"trainer": {"max_steps": 20}, "model": {"n_layer": 5}}'
+    )
     cfg = load_config([path], [("model.n_layer", "7")], [TRAIN_OVERRIDES_ENV])
     assert cfg.trainer["max_steps"] == 20  # env beats file
     assert cfg.trainer["log_every_n_steps"] == 3  # file beats defaults
@@ -163,14 +173,20 @@ def test_flag_values_are_typed_by_the_schema() -> None:
     [
         ("[model]\nn_lyer = 2\n", ["model.n_lyer", "unknown key", "n_layer"]),
         ("[modle]\nn_layer = 2\n", ["modle", "unknown key"]),
-        ("[model]\nn_layer = \"two\"\n", ["model.n_layer", "integer"]),
+        ('[model]\nn_layer = "two"\n', ["model.n_layer", "integer"]),
         ("[model]\nn_layer = 2.0\n", ["model.n_layer"]),
-        ("[checkpointing.keep]\nlast = -1\n", ["checkpointing.keep.last", "greater than or equal to 0"]),
+        (
+            "[checkpointing.keep]\nlast = -1\n",
+            ["checkpointing.keep.last", "greater than or equal to 0"],
+        ),
         ("[model]\nn_embd = 30\nn_head = 4\n", ["n_embd (30) must be divisible by n_head (4)"]),
         ("[model]\nwarmup_steps = 50\nlr_decay_steps = 10\n", ["warmup_steps (50)"]),
         ("[data]\nblock_size = 128\n[model]\nblock_size = 64\n", ["data.block_size (128)"]),
-        ("[trainer]\nmax_stepz = 3\n", ["trainer.max_stepz", "not an argument of lightning.Trainer"]),
-        ("[trainer]\nmax_steps = \"many\"\n", ["trainer.max_steps"]),
+        (
+            "[trainer]\nmax_stepz = 3\n",
+            ["trainer.max_stepz", "not an argument of lightning.Trainer"],
+        ),
+        ('[trainer]\nmax_steps = "many"\n', ["trainer.max_steps"]),
         ("[trainer]\ncallbacks = []\n", ["trainer.callbacks cannot be set"]),
         ("[sample]\ntemperature = -1.0\n", ["sample.temperature"]),
         ('experiment = "a b"\n', ["experiment"]),

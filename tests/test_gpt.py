@@ -308,3 +308,26 @@ def test_generate_rejects_bad_sampling_settings(kwargs: dict[str, float]) -> Non
     model = make_model()
     with pytest.raises(ValueError):
         model.generate(random_tokens(1, 3), 2, **kwargs)  # type: ignore[arg-type]
+
+
+def test_refresh_keep_matches_its_reference_and_exact_mode_within_the_window() -> None:
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16,
+                       dropout=0.0, bias=True)  # fmt: skip
+    model = GPT(config).eval()
+    prompt = torch.randint(0, 11, (3, 2))
+    within = model.generate(prompt, 6, temperature=0.0, refresh_keep=5)
+    assert torch.equal(within, model.generate(prompt, 6, temperature=0.0))
+
+    keep, new = 5, 20
+    out = model.generate(prompt, new, temperature=0.0, refresh_keep=keep)
+    # Reference: the context is everything since the last refill; a full window refills
+    # from its last `keep` tokens.
+    idx, start = prompt.clone(), 0
+    with torch.no_grad():
+        for _ in range(new):
+            if idx.size(1) - start >= config.block_size:
+                start = idx.size(1) - keep
+            logits, _ = model(idx[:, start:])
+            idx = torch.cat((idx, logits[:, -1, :].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, idx)

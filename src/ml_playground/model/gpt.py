@@ -222,8 +222,14 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        refresh_keep: int | None = None,
     ) -> Tensor:
         """Continue each row of idx (B, T0) by max_new_tokens tokens; returns (B, T0 + new).
+
+        Past block_size tokens, refresh_keep=None recomputes the last block_size tokens for
+        every new token, exactly as nanoGPT does. refresh_keep=k instead refills the cache
+        from the last k tokens whenever it is full and then decodes from the cache again:
+        the model always sees at least k tokens of context, at a fraction of the cost.
 
         temperature 0 picks the most likely token (top_k and top_p are then ignored).
         Otherwise top_k keeps the k most likely tokens and top_p the smallest set whose
@@ -241,10 +247,20 @@ class GPT(nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
         block_size = self.config.block_size
+        if refresh_keep is not None and not 1 <= refresh_keep < block_size:
+            raise ValueError(f"refresh_keep must be in [1, {block_size}), got {refresh_keep}")
         cache: KVCache | None = None
+        filled = 0  # positions of the cache in use
         for _ in range(max_new_tokens):
             seen = idx.size(1)
-            if seen > block_size:
+            if refresh_keep is not None and (cache is None or filled >= block_size):
+                window = idx[:, -min(seen, block_size if cache is None else refresh_keep) :]
+                logits, cache = self.forward_with_cache(window)
+                filled = window.size(1)
+            elif refresh_keep is not None:
+                logits, cache = self.forward_with_cache(idx[:, -1:], cache, start_pos=filled)
+                filled += 1
+            elif seen > block_size:
                 # Past the context window the model sees the last block_size tokens at
                 # positions 0..block_size-1 (as nanoGPT does). Every token's position has
                 # shifted, so the cached keys are stale: run the window in full.
