@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -11,7 +12,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from ml_playground.checkpointing import (
     AtomicCheckpointIO,
@@ -27,6 +27,7 @@ from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError
 from ml_playground.model.module import GPTLightningModule
+from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
 
 CONFIG_FILENAME = "config.toml"
 
@@ -155,15 +156,26 @@ def build(
         keep_best=ckpt.keep.best,
         extras=CheckpointExtras(config_toml=text, meta=datamodule.meta),
     )
-    logger = TensorBoardLogger(
+    logger = StepAlignedLogger(
         save_dir=str(cfg.log_dir), name=cfg.experiment, default_hp_metric=False
     )
-    callbacks: list[pl.Callback] = [checkpoint, SaveResolvedConfig(text), ReportValidation()]
+    callbacks: list[pl.Callback] = [
+        checkpoint,
+        SaveResolvedConfig(text),
+        ReportValidation(),
+        TextSample(datamodule.meta),
+        HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
+    ]
     if cfg.model.ema_decay > 0:
         # Lightning's EMA: validation runs on the averaged weights and checkpoints store them
         # as the state_dict (the raw weights under current_model_state, for resuming).
         callbacks.insert(0, EMAWeightAveraging(decay=cfg.model.ema_decay))
     trainer_args: dict[str, Any] = dict(cfg.trainer)
+    if trainer_args.get("enable_progress_bar") is None:
+        # A bar redrawn into a log file is noise: show it only on a terminal.
+        trainer_args["enable_progress_bar"] = sys.stderr.isatty()
+    if trainer_args["enable_progress_bar"]:
+        callbacks.append(ProgressBar(refresh_rate=10))
     trainer = pl.Trainer(
         **trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )

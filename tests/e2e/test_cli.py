@@ -574,9 +574,9 @@ def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: Jobs) -> None
     assert files(ckpt, "last") == [last(25), last(30)]
     checkpoint = torch.load(ckpt / last(30), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 30
-    # The resumed run trained steps 20..29 only: it continued from ckpt_last_00000020.pt.
+    # The resumed run trained steps 21..30 only: it continued from ckpt_last_00000020.pt.
     steps = [step for step, _ in scalars(folder / "logs" / "tiny" / "version_0")["train/loss"]]
-    assert steps == list(range(20, 30)), steps
+    assert steps == list(range(21, 31)), steps
 
     best = files(ckpt, "best")
     assert len(best) == 1

@@ -52,11 +52,11 @@ def test_resume_is_exact(tmp_path: Path, make_experiment, cli) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
-    # Steps 21..40 (logged at global_step - 1 = 20..39) match one for one.
+    # Steps 21..40 match one for one.
     full = train_losses(straight.parent / "logs" / "tiny" / "version_0")
     resumed = train_losses(split.parent / "logs" / "tiny" / "version_1")
-    assert sorted(resumed) == list(range(20, 40))
-    for step in range(20, 40):
+    assert sorted(resumed) == list(range(21, 41))
+    for step in range(21, 41):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 

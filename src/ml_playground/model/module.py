@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from ml_playground.configuration.schema import ModelConfig
 from ml_playground.errors import TrainingError
+from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
 
 
@@ -58,7 +60,8 @@ class GPTLightningModule(pl.LightningModule):
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters({"model": config.model_dump(), "vocab_size": vocab_size})
-        self._last_time: float | None = None
+        self._mark: tuple[int, float] | None = None  # (step, time) of the last log step
+        self._peak_flops: float | None = None
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -106,7 +109,7 @@ class GPTLightningModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self._val_losses.clear()
-        self._last_time = None  # validation time is not training throughput
+        self._mark = None  # validation time is not training throughput
 
     def configure_optimizers(self) -> Any:
         cfg = self.config
@@ -124,14 +127,33 @@ class GPTLightningModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
+    def on_fit_start(self) -> None:
+        self._peak_flops, name = peak_flops(self.device, str(self.trainer.precision))
+        if self._peak_flops is None and self.trainer.is_global_zero:
+            print(
+                f"note: MFU is not logged: no peak FLOP/s known for {name} "
+                "(ml_playground/hardware.py lists the known GPUs)",
+                file=sys.stderr,
+            )
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after backward and before gradient clipping.
         now = time.perf_counter()
         trainer = self.trainer
         if trainer.global_step % _log_interval(trainer) == 0:
             self.log("lr", optimizer.param_groups[0]["lr"])
-            if self._last_time is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            if self._mark is not None and trainer.global_step > self._mark[0]:
+                # Averaged since the previous log step (validation time excluded).
+                steps = trainer.global_step - self._mark[0]
                 tokens = (
                     self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
                 )
-                self.log("perf/tokens_per_sec", tokens / (now - self._last_time))
-        self._last_time = now
+                rate = tokens * steps / (now - self._mark[1])
+                self.log("perf/tokens_per_sec", rate, prog_bar=True)
+                if self._peak_flops:
+                    flops = self.model.flops_per_token() * rate / trainer.world_size
+                    self.log("perf/mfu", flops / self._peak_flops)
+            self._mark = (trainer.global_step, now)

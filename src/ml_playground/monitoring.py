@@ -1,0 +1,104 @@
+"""What a user watches: a text sample per validation, the HPARAMS summary, the progress bar."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from ml_playground.model.gpt import GPT
+from ml_playground.prepare import tokenizer_from_meta
+
+SAMPLE_PROMPT = "\n"
+SAMPLE_SEED = 1337
+
+
+class TextSample(pl.Callback):
+    """Logs a short generated text (fixed prompt and seed) at each validation, so a user can
+    read the model learning in TensorBoard's TEXT tab."""
+
+    def __init__(self, meta: dict[str, Any], max_new_tokens: int = 200) -> None:
+        self.tokenizer = tokenizer_from_meta(meta)
+        self.max_new_tokens = max_new_tokens
+        self.last_text: str | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        logger = trainer.logger
+        if not isinstance(logger, TensorBoardLogger):
+            return
+        model = cast(GPT, pl_module.model)
+        prompt = self.tokenizer.encode(SAMPLE_PROMPT) or [0]
+        idx = torch.tensor([prompt], dtype=torch.long, device=pl_module.device)
+        generator = torch.Generator(device=pl_module.device).manual_seed(SAMPLE_SEED)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                idx,
+                self.max_new_tokens,
+                temperature=0.8,
+                top_k=200,
+                generator=generator,
+                refresh_keep=max(1, model.config.block_size * 3 // 4),
+            )
+        finally:
+            model.train(was_training)
+        self.last_text = self.tokenizer.decode(out[0].tolist())
+        # Markdown would swallow newlines: show the sample as a code block.
+        logger.experiment.add_text("sample", f"```\n{self.last_text}\n```", trainer.global_step)
+
+
+class HparamsSummary(pl.Callback):
+    """At the end of training, writes the configuration with the best metric to HPARAMS."""
+
+    def __init__(self, config: dict[str, Any], metric: str) -> None:
+        self.params = _flatten(config)
+        self.metric = metric
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        score = getattr(checkpoint, "best_model_score", None)
+        if not trainer.is_global_zero or trainer.logger is None or score is None:
+            return
+        trainer.logger.log_hyperparams(self.params, {f"hp/best_{self.metric}": float(score)})
+
+
+class StepAlignedLogger(TensorBoardLogger):
+    """TensorBoard logger whose steps are optimizer steps completed, as in checkpoint names.
+
+    Lightning logs what happens during step k (1-based) at k - 1, so `val/loss` of the
+    validation after step 2000 would sit at 1999 beside `ckpt_best_00002000_*`. Its
+    `epoch` scalar (always 0 for an endless stream) is dropped.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        if metrics:
+            super().log_metrics(metrics, None if step is None else step + 1)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, refreshed every few steps, without the logger version number."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
