@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -76,7 +77,7 @@ class StepAlignedLogger(TensorBoardLogger):
     `epoch` scalar (always 0 for an endless stream) is dropped.
     """
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if metrics:
             super().log_metrics(metrics, None if step is None else step + 1)
