@@ -103,6 +103,9 @@ def _quiet_lightning() -> None:
         "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
     )
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
+    # val/loss is already averaged over ranks with all_gather before it is logged.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed.*")
+    warnings.filterwarnings("ignore", message=r".*functional.all_gather is deprecated.*")
     # We override configure_model only to compile; nothing is sharded.
     warnings.filterwarnings(
         "ignore", message=r".*WeightAveraging callback with a model that overrides.*"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,6 +33,9 @@ class WarmupCosine:
         progress = (step - self.warmup) / max(1, self.decay - self.warmup)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return (self.min_lr + cosine * (self.lr - self.min_lr)) / self.lr
+
+
+TRACE_ENV = "ML_PLAYGROUND_TRACE_BATCHES"  # a folder: each rank appends its batch checksums
 
 
 def _log_interval(trainer: pl.Trainer) -> int:
@@ -60,6 +65,7 @@ class GPTLightningModule(pl.LightningModule):
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters({"model": config.model_dump(), "vocab_size": vocab_size})
+        self._trace: Path | None = None
         self._mark: tuple[int, float] | None = None  # (step, time) of the last log step
         self._peak_flops: float | None = None
 
@@ -76,8 +82,19 @@ class GPTLightningModule(pl.LightningModule):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         return self.model(idx, targets)
 
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if self.device.type == "cpu" and trainer.num_devices > 1:
+            # Several processes share the cores: more threads than cores only thrash.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
+        folder = os.environ.get(TRACE_ENV)
+        self._trace = Path(folder) / f"batches-rank{trainer.global_rank}.txt" if folder else None
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
+        if self._trace is not None:  # diagnostics: which windows each rank trained on
+            with self._trace.open("a") as handle:
+                handle.write(f"{self.trainer.global_step} {int(x.sum())} {int(x[:, 0].sum())}\n")
         _, loss = self.model(x, y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
