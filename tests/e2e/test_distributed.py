@@ -100,7 +100,7 @@ def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
                     "2",
                     "--trainer.devices",
                     "1",
-                ],  # fmt: skip
+                ],
                 cwd=tmp_path,
                 env=env,
                 stdout=subprocess.PIPE,
