@@ -227,13 +227,13 @@ def test_check_compatible(reference: Reference) -> None:
     checkpoint = load_checkpoint(path)
     args = dict(checkpoint[SECTION]["model_args"])
     vocab = args["vocab_size"]
-    check_compatible(path, checkpoint, args, vocab)  # the same shape: fine
+    check_compatible(path, checkpoint, args)  # the same shape: fine
     with pytest.raises(CheckpointError, match="n_layer"):
-        check_compatible(path, checkpoint, {**args, "n_layer": 2}, vocab)
+        check_compatible(path, checkpoint, {**args, "n_layer": 2})
     with pytest.raises(CheckpointError, match="n_embd"):
-        check_compatible(path, checkpoint, {**args, "n_embd": 32}, vocab)
+        check_compatible(path, checkpoint, {**args, "n_embd": 32})
     with pytest.raises(CheckpointError, match="vocabulary"):
-        check_compatible(path, checkpoint, args, vocab + 1)
+        check_compatible(path, checkpoint, {**args, "vocab_size": vocab + 1})
 
 
 # --------------------------------------------------------------------------- atomic writes

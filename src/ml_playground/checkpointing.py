@@ -436,15 +436,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(
-    path: Path, checkpoint: dict[str, Any], model_args: dict[str, Any], vocab_size: int
-) -> None:
+def check_compatible(path: Path, checkpoint: dict[str, Any], model_args: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint whose model shape or vocabulary differs from the run's."""
     stored = checkpoint[SECTION]["model_args"]
-    if stored.get("vocab_size") != vocab_size:
+    if stored.get("vocab_size") != model_args.get("vocab_size"):
         raise CheckpointError(
-            f"{path}: vocabulary of {stored.get('vocab_size')} tokens, but the dataset's "
-            f"meta.pkl has {vocab_size}; resume with the dataset it was trained on"
+            f"{path}: vocabulary of {stored.get('vocab_size')} tokens, but this run's dataset "
+            f"(meta.pkl) gives {model_args.get('vocab_size')}; resume with the dataset it was "
+            "trained on"
         )
     for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
         if stored.get(key) != model_args.get(key):

@@ -46,6 +46,7 @@ class TextSample(pl.Callback):
                 top_k=200,
                 generator=generator,
                 refresh_keep=max(1, model.config.block_size * 3 // 4),
+                vocab_limit=self.tokenizer.vocab_size,
             )
         finally:
             model.train(was_training)

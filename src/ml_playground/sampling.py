@@ -96,6 +96,7 @@ def generate_text(
             top_p=settings.top_p if settings.top_p < 1.0 else None,
             generator=generator,
             refresh_keep=refresh_keep(model.config.block_size),
+            vocab_limit=tokenizer.vocab_size,
         )
     return [tokenizer.decode(row.tolist()) for row in out.cpu()]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from ml_playground.checkpointing import (
@@ -132,6 +133,8 @@ def build(
 ) -> tuple[pl.Trainer, GPTLightningModule, GPTDataModule, GPTCheckpoint]:
     """Everything `fit` and `validate` need, with the checkpoint checked before any work."""
     _quiet_lightning()
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 parts on Ampere+
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
     data = cfg.data
     datamodule = GPTDataModule(
@@ -147,7 +150,7 @@ def build(
         cfg.model, datamodule.vocab_size, tokens_per_batch=data.batch_size * data.block_size
     )
     if resume is not None:
-        check_compatible(resume, load_checkpoint(resume), module.model_args, datamodule.vocab_size)
+        check_compatible(resume, load_checkpoint(resume), module.model_args)
     text = dump_toml(cfg)
     ckpt = cfg.checkpointing
     checkpoint = GPTCheckpoint(

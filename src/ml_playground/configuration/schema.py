@@ -88,6 +88,11 @@ class ModelConfig(Section):
     n_head: int = Field(description="attention heads per block", gt=0)
     n_embd: int = Field(description="embedding width (a multiple of n_head)", gt=0)
     block_size: int = Field(description="context length the model supports", gt=0)
+    vocab_multiple_of: int = Field(
+        description="round the vocabulary (from meta.pkl) up to a multiple of this for faster "
+        "matmuls (GPT-2: 64 gives 50304); sampling never picks the padding tokens",
+        gt=0,
+    )
     dropout: float = Field(
         description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0
     )

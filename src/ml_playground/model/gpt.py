@@ -223,6 +223,7 @@ class GPT(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         refresh_keep: int | None = None,
+        vocab_limit: int | None = None,
     ) -> Tensor:
         """Continue each row of idx (B, T0) by max_new_tokens tokens; returns (B, T0 + new).
 
@@ -230,6 +231,7 @@ class GPT(nn.Module):
         every new token, exactly as nanoGPT does. refresh_keep=k instead refills the cache
         from the last k tokens whenever it is full and then decodes from the cache again:
         the model always sees at least k tokens of context, at a fraction of the cost.
+        vocab_limit=n only picks among the first n tokens (a vocabulary padded for speed).
 
         temperature 0 picks the most likely token (top_k and top_p are then ignored).
         Otherwise top_k keeps the k most likely tokens and top_p the smallest set whose
@@ -269,6 +271,8 @@ class GPT(nn.Module):
                 logits, cache = self.forward_with_cache(idx)
             else:
                 logits, cache = self.forward_with_cache(idx[:, -1:], cache, start_pos=seen - 1)
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]
             idx_next = _next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx

@@ -44,9 +44,10 @@ def _log_interval(trainer: pl.Trainer) -> int:
 
 
 def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
+    multiple = model.vocab_multiple_of
     return GPTConfig(
         block_size=model.block_size,
-        vocab_size=vocab_size,
+        vocab_size=-(-vocab_size // multiple) * multiple,
         n_layer=model.n_layer,
         n_head=model.n_head,
         n_embd=model.n_embd,
