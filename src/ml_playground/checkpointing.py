@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.errors import CheckpointError, ConfigError, TrainingError
 
 FORMAT_VERSION = 1
 SECTION = "ml_playground"  # the project's own part of a Lightning checkpoint
@@ -36,6 +36,8 @@ NANOGPT_KEYS = ("model", "model_args", "iter_num", "config")
 LAST_PATTERN = re.compile(r"^ckpt_last_(\d{8})\.pt$")
 BEST_PATTERN = re.compile(r"^ckpt_best_(\d{8})_.*\.pt$")
 TMP_PATTERN = re.compile(r"^\.ckpt_(last|best)_.*\.tmp-\d+$")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def last_name(step: int) -> str:
@@ -87,10 +89,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise
+            cause = _os_error(exc)
+            if cause is None:
+                raise
+            # Disk full, file too large, I/O error: the earlier files were never touched.
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {cause.strerror or cause}; no partial "
+                f"file was left and the checkpoints already in {path.parent} are intact; "
+                "free some space and resume with --ckpt_path last"
+            ) from None
         _fsync_dir(path.parent)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write (torch's zip writer re-raises it as RuntimeError)."""
+    seen: BaseException | None = exc
+    while seen is not None and isinstance(seen, Exception):
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -353,10 +373,36 @@ class GPTCheckpoint(ModelCheckpoint):
         if path is not None:
             self.last_model_path = str(path)
 
-    @staticmethod
-    def _writer(trainer: pl.Trainer) -> Callable[[Path], None]:
+    def _writer(self, trainer: pl.Trainer) -> Callable[[Path], None]:
         # Collective under DDP: every rank calls it, rank 0 writes.
-        return lambda path: trainer.save_checkpoint(path, weights_only=False)
+        def write(path: Path) -> None:
+            self._refuse_non_finite(trainer, path)
+            trainer.save_checkpoint(path, weights_only=False)
+
+        return write
+
+    def _refuse_non_finite(self, trainer: pl.Trainer, path: Path) -> None:
+        """Never write NaN/inf weights over a good window: stop training instead.
+
+        The loss is checked only at log steps (a device sync); the weights are checked here,
+        once per checkpoint write, so no checkpoint between two checks can hold NaN weights.
+        """
+        module = trainer.lightning_module
+        if module is None:
+            return
+        with torch.no_grad():
+            flags = [torch.isfinite(p).all() for p in module.parameters()]
+            finite = not flags or bool(torch.stack(flags).all())  # one device sync
+        if finite:
+            return
+        files = self.windows.last_files
+        good = str(files[-1]) if files else "none"
+        raise TrainingError(
+            f"the model weights became NaN or inf by step {trainer.global_step}; "
+            f"{path.name} was not written (last good checkpoint: {good}); lower "
+            "model.learning_rate or set trainer.gradient_clip_val, and resume with "
+            "--ckpt_path last"
+        )
 
 
 def capture_rng() -> dict[str, Any]:
@@ -393,7 +439,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a pickle, disallowed global, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+        found = _UNSAFE_GLOBAL.search(text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refusing to load: it references {found.group(1)}, which no checkpoint "
+                "needs (read with weights_only=True, so nothing in it ran); use a checkpoint "
+                "from a source you trust"
+            ) from None
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated or not a checkpoint: {reason[:120]}); "
             "use another ckpt_last_* / ckpt_best_* file"

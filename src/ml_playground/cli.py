@@ -130,6 +130,12 @@ def cmd_prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         val_fraction=prep.val_fraction,
         dataset_dir=cfg.data.dataset_dir,
         force=getattr(args, "force", False),
+        split=prep.split,
+        seed=cfg.seed_everything,
+        document_separator=prep.document_separator,
+        chunk_bytes=prep.chunk_bytes,
+        num_threads=prep.num_threads,
+        progress=True,
     )
     where = cfg.data.dataset_dir
     if did_work:
@@ -149,6 +155,11 @@ def cmd_fit(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     if not result.is_global_zero:
         return 0
     print(SEPARATOR)
+    if result.stopped_early:
+        print(
+            f"stopped early: {result.metric} did not improve for "
+            f"{cfg.checkpointing.patience} validation(s)"
+        )
     if result.best_score is not None:
         where = result.best_checkpoint or "(not kept: checkpointing.keep.best = 0)"
         print(f"best {result.metric}: {result.best_score:.4f}  {where}")
@@ -234,6 +245,13 @@ def run(argv: Sequence[str]) -> int:
     return handler(cfg, args)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """`<strerror>: <filename>` (both files for a failed rename or link)."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    return f"{text}: {' -> '.join(names)}" if names else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -244,6 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ml-playground: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # Not foreseen where it happened (permission denied, read-only or full disk, ...):
+        # still one line naming the path, unless --debug asks for the traceback.
+        if debug:
+            raise
+        print(f"ml-playground: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ml-playground: interrupted", file=sys.stderr)
         return 130

@@ -18,14 +18,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ml_playground.errors import DataError
-from ml_playground.prepare import load_tokens, read_meta
+from ml_playground.prepare import dataset_meta, load_tokens
 
 ARTIFACTS = ("meta.pkl", "train.bin", "val.bin")
 
 
 def require_artifacts(dataset_dir: Path) -> None:
-    """Fail fast, naming every missing file and the command that creates them."""
-    missing = [name for name in ARTIFACTS if not (Path(dataset_dir) / name).is_file()]
+    """Fail fast, naming every missing file and the command that creates them.
+
+    A folder with both token files but no meta.pkl is nanoGPT's GPT-2 BPE layout
+    (data/shakespeare, data/openwebtext) and is accepted as it is.
+    """
+    folder = Path(dataset_dir)
+    missing = [name for name in ARTIFACTS if not (folder / name).is_file()]
+    if missing == ["meta.pkl"] and not (folder / "meta.pkl").exists():
+        return
     if missing:
         raise DataError(
             f"{dataset_dir}: missing {', '.join(missing)}; run "
@@ -38,6 +45,14 @@ def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[to
     idx = starts[:, None] + np.arange(block_size + 1)[None, :]
     chunk = torch.from_numpy(tokens[idx].astype(np.int64))  # (B, T+1)
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def _largest_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """Max over the memmap in chunks: one streaming pass, bounded memory."""
+    largest = 0
+    for start in range(0, len(tokens), chunk):
+        largest = max(largest, int(tokens[start : start + chunk].max()))
+    return largest
 
 
 class RandomWindows(IterableDataset):
@@ -107,11 +122,20 @@ class GPTDataModule(pl.LightningDataModule):
         self.pin_memory, self.seed = pin_memory, seed
         self._resume_batch = 0
         require_artifacts(self.dataset_dir)
-        self.meta: dict[str, Any] = read_meta(self.dataset_dir / "meta.pkl")
+        # meta.pkl, or nanoGPT's GPT-2 BPE convention when the folder has none.
+        self.meta: dict[str, Any] = dataset_meta(self.dataset_dir)
         self.dtype: str = self.meta.get("dtype", "uint16")
         self.vocab_size: int = int(self.meta["vocab_size"])
         for split in ("train", "val"):
-            length = len(load_tokens(self.dataset_dir / f"{split}.bin", self.dtype))
+            tokens = load_tokens(self.dataset_dir / f"{split}.bin", self.dtype)
+            length = len(tokens)
+            largest = _largest_id(tokens)
+            if largest >= self.vocab_size:
+                raise DataError(
+                    f"{self.dataset_dir / f'{split}.bin'}: token id {largest} is outside the "
+                    f"vocabulary of {self.vocab_size} (meta.pkl); prepare the dataset again "
+                    "(`prepare --force`)"
+                )
             if length <= block_size:
                 raise DataError(
                     f"{self.dataset_dir / f'{split}.bin'}: {length} tokens, fewer than one "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -10,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ml_playground.errors import DataError
 from ml_playground.model.gpt import GPT
-from ml_playground.prepare import tokenizer_from_meta
+from ml_playground.prepare import Tokenizer, tokenizer_from_meta
 
 SAMPLE_PROMPT = "\n"
 SAMPLE_SEED = 1337
@@ -22,16 +24,24 @@ class TextSample(pl.Callback):
     read the model learning in TensorBoard's TEXT tab."""
 
     def __init__(self, meta: dict[str, Any], max_new_tokens: int = 200) -> None:
-        self.tokenizer = tokenizer_from_meta(meta)
+        self.meta = meta
+        self.tokenizer: Tokenizer | None = None  # built at the first validation, not before
         self.max_new_tokens = max_new_tokens
         self.last_text: str | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.meta:
             return
         logger = trainer.logger
         if not isinstance(logger, TensorBoardLogger):
             return
+        if self.tokenizer is None:
+            try:
+                self.tokenizer = tokenizer_from_meta(self.meta)
+            except DataError as exc:  # e.g. BPE files unavailable offline: train anyway
+                print(f"note: no text sample in TensorBoard: {exc}", file=sys.stderr)
+                self.meta = {}
+                return
         model = cast(GPT, pl_module.model)
         prompt = self.tokenizer.encode(SAMPLE_PROMPT) or [0]
         idx = torch.tensor([prompt], dtype=torch.long, device=pl_module.device)

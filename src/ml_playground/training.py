@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 import warnings
@@ -12,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 
 from ml_playground.checkpointing import (
     AtomicCheckpointIO,
@@ -26,11 +28,13 @@ from ml_playground.checkpointing import (
 from ml_playground.configuration.loading import dump_toml
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
-from ml_playground.errors import ConfigError
+from ml_playground.errors import CheckpointError, ConfigError
 from ml_playground.model.module import GPTLightningModule
 from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
 
 CONFIG_FILENAME = "config.toml"
+LOCK_FILENAME = "fit.lock"
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
 class SaveResolvedConfig(pl.Callback):
@@ -93,6 +97,7 @@ class RunResult:
     metric: str
     metrics: dict[str, float]
     is_global_zero: bool
+    stopped_early: bool = False
 
 
 def _quiet_lightning() -> None:
@@ -172,6 +177,10 @@ def build(
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
     ]
+    if ckpt.patience > 0:
+        callbacks.append(
+            EarlyStopping(monitor=ckpt.metric, mode=ckpt.mode, patience=ckpt.patience, strict=True)
+        )
     if cfg.model.ema_decay > 0:
         # Lightning's EMA: validation runs on the averaged weights and checkpoints store them
         # as the state_dict (the raw weights under current_model_state, for resuming).
@@ -188,11 +197,110 @@ def build(
     return trainer, module, datamodule, checkpoint
 
 
+class FolderLock:
+    """`fit.lock` in the checkpoint folder: one `fit` at a time writes there.
+
+    Created atomically (O_CREAT | O_EXCL) holding `pid host`, removed when the run ends. A lock
+    whose process is gone (a killed run) on this host is stale and is taken over.
+    """
+
+    def __init__(self, dirpath: Path) -> None:
+        self.dir = Path(dirpath)
+        self.path = self.dir / LOCK_FILENAME
+        self.held = False
+
+    def acquire(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._not_writable(exc) from None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._clear_if_stale():
+                    raise self._busy() from None
+                continue
+            except OSError as exc:
+                raise self._not_writable(exc) from None
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return
+        raise self._busy()
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> tuple[int | None, str]:
+        try:
+            pid, _, host = self.path.read_text(encoding="utf-8").strip().partition(" ")
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, ""
+
+    def _clear_if_stale(self) -> bool:
+        pid, host = self._holder()
+        if pid is None:
+            try:  # being written right now, or garbage left behind
+                young = time.time() - self.path.stat().st_mtime < 10
+            except FileNotFoundError:
+                return True
+            if young:
+                return False
+        elif host != socket.gethostname() or _process_alive(pid):
+            return False
+        self.path.unlink(missing_ok=True)
+        return True
+
+    def _busy(self) -> CheckpointError:
+        pid, host = self._holder()
+        who = f"process {pid} on {host}" if pid is not None else "another process"
+        return CheckpointError(
+            f"{self.dir} is in use by another fit ({who} holds {self.path}); wait for it to "
+            "finish or use another checkpointing.dirpath; if no fit is running there, delete "
+            f"{self.path}"
+        )
+
+    def _not_writable(self, exc: OSError) -> CheckpointError:
+        return CheckpointError(
+            f"checkpointing.dirpath {self.dir} is not writable ({exc.strerror or exc}); "
+            "fix its permissions or choose another folder"
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process not yet reaped by its parent is dead too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_launching_process() -> bool:
+    """Rank 0 before any launcher: the one process that writes (and locks) the folder."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
 def fit(cfg: ExperimentConfig, ckpt_path: str | None = None) -> RunResult:
     """Train (or resume training) as the configuration says."""
     resume = resolve_resume(cfg, ckpt_path)
     trainer, module, datamodule, checkpoint = build(cfg, resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    lock = FolderLock(cfg.checkpointing.dirpath)
+    if _is_launching_process():
+        lock.acquire()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    finally:
+        lock.release()
     return _result(trainer, checkpoint, cfg)
 
 
@@ -215,4 +323,8 @@ def _result(trainer: pl.Trainer, checkpoint: GPTCheckpoint, cfg: ExperimentConfi
         metric=cfg.checkpointing.metric,
         metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         is_global_zero=trainer.is_global_zero,
+        stopped_early=any(
+            isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+        ),
     )

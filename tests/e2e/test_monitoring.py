@@ -56,3 +56,16 @@ def test_scalars_text_and_hparams(tmp_path: Path, make_experiment, cli) -> None:
                         rel_tol=1e-6)  # fmt: skip
     # Training scalars sit at the optimizer step they were logged in: 2, 4, ..., 20.
     assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 21, 2))
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path: Path, make_experiment, cli) -> None:
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    # The loss falls, so with mode "max" only the first validation is an improvement.
+    result = cli("fit", "--config", config, "--checkpointing.mode", "max",
+                 "--checkpointing.patience", "1", "--trainer.val_check_interval", "5",
+                 cwd=tmp_path)  # fmt: skip
+    assert "stopped early: val/loss did not improve for 1 validation(s)" in result.stdout
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names[0].startswith("ckpt_best_00000005_")
+    assert "ckpt_last_00000010.pt" in names and "ckpt_last_00000020.pt" not in names

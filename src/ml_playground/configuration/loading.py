@@ -183,7 +183,14 @@ def _resolve_layer_paths(layer: Layer) -> dict[str, Any]:
     data = copy.deepcopy(layer.data)
 
     def anchor(text: str) -> str:
-        path = Path(text).expanduser()
+        if "\0" in text:
+            raise ConfigError(f"{layer.label}: path {text!r} contains a NUL character")
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~name of a user this machine does not know
+            raise ConfigError(
+                f"{layer.label}: cannot expand {text!r}: unknown user; write the full path"
+            ) from None
         return str(path if path.is_absolute() else layer.base / path)
 
     def update(dotted: str, rewrite: typing.Callable[[str], str]) -> None:

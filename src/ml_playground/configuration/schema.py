@@ -47,8 +47,9 @@ class PrepareConfig(Section):
     """How `prepare` turns a raw corpus into train.bin / val.bin / meta.pkl."""
 
     source: str = Field(
-        description="URL (downloaded once into the cache) or local file of the raw corpus; "
-        "relative paths resolve against the config file"
+        description="the raw corpus: a URL (downloaded once into the cache), a UTF-8 file, a "
+        "folder (every *.txt below it, sorted) or a glob pattern; relative paths resolve "
+        "against the config file"
     )
     source_sha256: str = Field(
         description='expected sha256 of the raw corpus; "" skips the check',
@@ -59,9 +60,25 @@ class PrepareConfig(Section):
         pattern=r"^(char|tiktoken:[A-Za-z0-9_.-]+)$",
     )
     val_fraction: float = Field(
-        description="share of the corpus held out for validation (the last part of the text)",
+        description="share of the corpus held out for validation: the last part of the text "
+        '(split "contiguous") or of the documents (split "documents")',
         gt=0.0,
         lt=1.0,
+    )
+    split: Literal["contiguous", "documents"] = Field(
+        description="\"contiguous\": nanoGPT's split, the text's last val_fraction validates; "
+        '"documents": a random val_fraction of the documents (seeded by seed_everything)'
+    )
+    document_separator: str = Field(
+        description='what separates documents inside a file ("" : each file is one document); '
+        "with BPE, documents are joined by the end-of-text token"
+    )
+    chunk_bytes: int = Field(
+        description="bytes read and tokenized at a time (prepare streams: memory stays bounded)",
+        gt=0,
+    )
+    num_threads: int = Field(
+        description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
     )
 
 
@@ -144,6 +161,11 @@ class CheckpointingConfig(Section):
     every_n_steps: int = Field(description="write a last checkpoint every N optimizer steps", gt=0)
     metric: str = Field(description="logged metric that decides the best checkpoint")
     mode: Literal["min", "max"] = Field(description="whether a lower or a higher metric is better")
+    patience: int = Field(
+        description="stop training when the metric has not improved for this many "
+        "validations (the best checkpoint stays); 0 disables early stopping",
+        ge=0,
+    )
     keep: KeepConfig
 
 

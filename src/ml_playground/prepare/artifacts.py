@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -27,8 +27,26 @@ MIN_SPLIT_TOKENS = 2  # one (input, target) pair
 _DTYPES = ("uint16", "uint32")
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable; not possible on every platform/filesystem."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -38,17 +56,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # Make the rename itself durable; not possible on every platform/filesystem.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -85,40 +93,153 @@ def _as_ids(ids: np.ndarray, split: str, vocab_size: int, out_dir: Path) -> np.n
     return arr
 
 
-def write_bin_and_meta(
-    out_dir: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict
-) -> dict:
-    """Write ``train.bin``, ``val.bin`` and then ``meta.pkl`` into ``out_dir``; return the meta."""
-    out_dir = Path(out_dir)
+def _check_vocab_size(meta: dict, out_dir: Path) -> int:
     vocab_size = meta.get("vocab_size")
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
         raise DataError(
             f"meta for {out_dir} needs a positive int 'vocab_size', got {vocab_size!r}; "
             "fix the preparer"
         )
-    train = _as_ids(train_ids, "train", vocab_size, out_dir)
-    val = _as_ids(val_ids, "val", vocab_size, out_dir)
-    dtype = "uint16" if vocab_size <= 2**16 else "uint32"
-    full = {
-        **meta,
-        "format_version": META_FORMAT_VERSION,
-        "dtype": dtype,
-        "train_tokens": int(train.size),
-        "val_tokens": int(val.size),
-    }
-    payload = pickle.dumps(full)
+    return vocab_size
+
+
+def dtype_for(vocab_size: int) -> str:
+    """``uint16`` while every id fits (vocab ≤ 65,536), else ``uint32``."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+class TokenFile:
+    """One growing token file (``train.bin`` or ``val.bin``) written under a temporary name."""
+
+    def __init__(self, path: Path, split: str, dtype: str, vocab_size: int) -> None:
+        self.path, self.split = path, split
+        self.dtype, self.vocab_size = np.dtype(dtype), vocab_size
+        self.tmp = _tmp_name(path)
+        self.count = 0
+        self._file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+
+    def write(self, ids: np.ndarray | Sequence[int]) -> None:
+        """Append token ids (checked against the vocabulary)."""
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            return
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(
+                f"{self.split} ids for {self.path.parent} must be a 1-D integer array, got "
+                f"shape {arr.shape} dtype {arr.dtype}; fix the preparer"
+            )
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high >= self.vocab_size:
+            raise DataError(
+                f"{self.split} ids for {self.path.parent} span {low}..{high}, outside the "
+                f"vocabulary 0..{self.vocab_size - 1}; fix the tokenizer or meta['vocab_size']"
+            )
+        assert self._file is not None
+        self._file.write(arr.astype(self.dtype, copy=False).tobytes())
+        self.count += int(arr.size)
+
+    def finish(self) -> None:
+        """Flush and fsync the temporary file (the rename comes later, in ``commit``)."""
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+class ArtifactWriter:
+    """The streaming sibling of :func:`write_bin_and_meta`: same files, same atomicity.
+
+    ``with ArtifactWriter(out_dir, vocab_size) as w: w.train.write(ids); ...; w.commit(meta)``.
+    Tokens go to temporary files that grow chunk by chunk; ``commit`` renames them into place
+    and writes ``meta.pkl`` last. Leaving the block without ``commit`` (or with an error) removes
+    the temporary files and leaves no artifact under a final name.
+    """
+
+    def __init__(self, out_dir: Path, vocab_size: int) -> None:
+        self.out_dir = Path(out_dir)
+        self.vocab_size = _check_vocab_size({"vocab_size": vocab_size}, self.out_dir)
+        self.dtype = dtype_for(self.vocab_size)
+        self._files: list[TokenFile] = []
+
+    def __enter__(self) -> ArtifactWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Drop the "complete" marker first so a crash never pairs old meta with new bins.
+        (self.out_dir / META_FILE).unlink(missing_ok=True)
+        self.train = TokenFile(self.out_dir / TRAIN_FILE, "train", self.dtype, self.vocab_size)
+        self._files.append(self.train)
+        self.val = TokenFile(self.out_dir / VAL_FILE, "val", self.dtype, self.vocab_size)
+        self._files.append(self.val)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files:
+            f.abort()
+
+    def commit(self, meta: dict) -> dict:
+        """Check the sizes, rename both token files into place, then write ``meta.pkl``."""
+        if _check_vocab_size(meta, self.out_dir) != self.vocab_size:
+            raise DataError(
+                f"meta for {self.out_dir} says vocab_size {meta['vocab_size']} but the tokens "
+                f"were written for {self.vocab_size}; fix the preparer"
+            )
+        for f in self._files:
+            if f.count < MIN_SPLIT_TOKENS:
+                raise DataError(
+                    f"corpus too short: the {f.split} split for {self.out_dir} has {f.count} "
+                    f"tokens (need at least {MIN_SPLIT_TOKENS}); use a longer corpus or change "
+                    "prepare.val_fraction"
+                )
+        full = {
+            **meta,
+            "format_version": META_FORMAT_VERSION,
+            "dtype": self.dtype,
+            "train_tokens": self.train.count,
+            "val_tokens": self.val.count,
+        }
+        payload = _plain_payload(full, self.out_dir)
+        for f in self._files:
+            f.finish()
+        for f in self._files:
+            os.replace(f.tmp, f.path)
+        _fsync_dir(self.out_dir)
+        _atomic_write(self.out_dir / META_FILE, lambda fh: fh.write(payload))
+        self._files.clear()
+        return full
+
+
+def _plain_payload(meta: dict, out_dir: Path) -> bytes:
+    payload = pickle.dumps(meta)
     try:
         _loads_plain(payload)
     except DataError as e:
         raise DataError(f"cannot write {out_dir / META_FILE}: {e}") from None
+    return payload
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Drop the "complete" marker first so a crash below never pairs old meta with new bins.
-    (out_dir / META_FILE).unlink(missing_ok=True)
-    _atomic_write(out_dir / TRAIN_FILE, train.astype(dtype, copy=False).tofile)
-    _atomic_write(out_dir / VAL_FILE, val.astype(dtype, copy=False).tofile)
-    _atomic_write(out_dir / META_FILE, lambda f: f.write(payload))
-    return full
+
+def write_bin_and_meta(
+    out_dir: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict
+) -> dict:
+    """Write ``train.bin``, ``val.bin`` and then ``meta.pkl`` into ``out_dir``; return the meta.
+
+    Everything is checked before anything is written; large corpora use :class:`ArtifactWriter`
+    (which this wraps) to stream tokens instead of holding them in memory.
+    """
+    out_dir = Path(out_dir)
+    vocab_size = _check_vocab_size(meta, out_dir)
+    train = _as_ids(train_ids, "train", vocab_size, out_dir)
+    val = _as_ids(val_ids, "val", vocab_size, out_dir)
+    _plain_payload({**meta, "dtype": dtype_for(vocab_size)}, out_dir)
+    with ArtifactWriter(out_dir, vocab_size) as writer:
+        writer.train.write(train)
+        writer.val.write(val)
+        return writer.commit(meta)
 
 
 def read_meta(path: Path) -> dict:
@@ -151,6 +272,33 @@ def read_meta(path: Path) -> dict:
     if meta["dtype"] not in _DTYPES:
         raise DataError(f"{path} names dtype {meta['dtype']!r}, not one of {_DTYPES}; {hint}")
     return meta
+
+
+# nanoGPT's rule: a data folder without meta.pkl holds GPT-2 BPE ids (data/shakespeare,
+# data/openwebtext), as uint16.
+NANOGPT_DEFAULT_META = {
+    "vocab_size": 50257,
+    "tokenizer": "tiktoken",
+    "encoding": "gpt2",
+    "eot_token": 50256,
+    "dtype": "uint16",
+}
+
+
+def is_nanogpt_gpt2_folder(dataset_dir: Path) -> bool:
+    """A nanoGPT folder with ``train.bin`` and ``val.bin`` but no ``meta.pkl`` (GPT-2 BPE)."""
+    dataset_dir = Path(dataset_dir)
+    return not (dataset_dir / META_FILE).exists() and all(
+        (dataset_dir / name).is_file() for name in (TRAIN_FILE, VAL_FILE)
+    )
+
+
+def dataset_meta(dataset_dir: Path) -> dict:
+    """The meta of a dataset folder: its ``meta.pkl``, or GPT-2 BPE when nanoGPT left none."""
+    dataset_dir = Path(dataset_dir)
+    if is_nanogpt_gpt2_folder(dataset_dir):
+        return dict(NANOGPT_DEFAULT_META)
+    return read_meta(dataset_dir / META_FILE)
 
 
 def _expected_bytes(meta: dict, key: str) -> int | None:

@@ -1,42 +1,74 @@
 """The ``prepare`` step: fetch the corpus, tokenize it and write the dataset artifacts.
 
-It does nothing when valid artifacts for the same tokenizer already exist (unless forced).
+``prepare.source`` is a URL (downloaded once into the cache), one UTF-8 file, a folder (every
+``*.txt`` below it, in sorted order) or a glob pattern. It does nothing when valid artifacts for
+the same tokenizer already exist (unless forced).
 """
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
-from ml_playground.errors import DataError
-from ml_playground.prepare.artifacts import META_FILE, artifacts_ready, prepare_text, read_meta
-from ml_playground.prepare.download import fetch
-from ml_playground.prepare.shakespeare_char import prepare_char_corpus
+from ml_playground.errors import ConfigError, DataError
+from ml_playground.prepare.artifacts import (
+    META_FILE,
+    artifacts_ready,
+    dataset_meta,
+    is_nanogpt_gpt2_folder,
+)
+from ml_playground.prepare.download import fetch, is_url
+from ml_playground.prepare.stream import DEFAULT_CHUNK_BYTES, prepare_corpus
 from ml_playground.prepare.tokenizers import TiktokenTokenizer, parse_tokenizer_spec
 
 
-def _read_corpus(path: Path) -> str:
+def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:
+    """The corpus files of ``source``: a URL's cached download, a file, a folder or a glob."""
+    if is_url(source):
+        return [fetch(source, source_sha256)]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if source_sha256:
+            raise ConfigError(
+                f"prepare.source_sha256 needs a single file, but {path} is a folder; "
+                'set prepare.source_sha256 = "" or point prepare.source at one file'
+            )
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"folder {path} holds no *.txt files; fix prepare.source")
+        return files
+    if not path.exists() and glob.has_magic(str(path)):
+        if source_sha256:
+            raise ConfigError(
+                f"prepare.source_sha256 needs a single file, but {path} is a glob pattern; "
+                'set prepare.source_sha256 = "" or point prepare.source at one file'
+            )
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"no file matches the pattern {path}; fix prepare.source")
+        return files
+    path = fetch(path, source_sha256)
     if not path.is_file():
         raise DataError(f"source {path} is not a file; point prepare.source at a UTF-8 text file")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not valid UTF-8 (byte {e.start}: {e.reason}); convert it to UTF-8"
-        ) from None
-    except OSError as e:
-        raise DataError(
-            f"cannot read {path} ({e.strerror}); check the path and permissions"
-        ) from None
+    return [path]
 
 
-def _check_same_tokenizer(meta: dict, kind: str, encoding: str | None, dataset_dir: Path) -> None:
+def _check_same_settings(
+    meta: dict, kind: str, encoding: str | None, split: str, where: Path
+) -> None:
     have = (meta.get("tokenizer"), meta.get("encoding") if kind == "tiktoken" else None)
+    hint = "pass --force to rebuild them or choose another data.dataset_dir"
     if "tokenizer" in meta and have != (kind, encoding):
         want = kind if encoding is None else f"{kind}:{encoding}"
         got = have[0] if have[1] is None else f"{have[0]}:{have[1]}"
         raise DataError(
-            f"{dataset_dir} holds artifacts for tokenizer {got!r} but prepare.tokenizer is "
-            f"{want!r}; pass --force to rebuild them or choose another data.dataset_dir"
+            f"{where} holds artifacts for tokenizer {got!r} but prepare.tokenizer is "
+            f"{want!r}; {hint}"
+        )
+    if meta.get("split", split) != split:
+        raise DataError(
+            f"{where} holds artifacts split {meta['split']!r} but prepare.split is {split!r}; "
+            f"{hint}"
         )
 
 
@@ -47,18 +79,38 @@ def run_prepare(
     val_fraction: float,
     dataset_dir: Path,
     force: bool = False,
+    *,
+    split: str = "contiguous",
+    seed: int = 0,
+    document_separator: str = "",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_threads: int = 0,
+    progress: bool = False,
 ) -> tuple[bool, dict]:
     """Prepare ``dataset_dir`` from ``source``; return ``(did_work, meta)``."""
     kind, encoding = parse_tokenizer_spec(tokenizer)
     dataset_dir = Path(dataset_dir)
-    if not force and artifacts_ready(dataset_dir):
-        meta = read_meta(dataset_dir / META_FILE)
-        _check_same_tokenizer(meta, kind, encoding, dataset_dir)
+    if not force and (artifacts_ready(dataset_dir) or is_nanogpt_gpt2_folder(dataset_dir)):
+        meta = dataset_meta(dataset_dir)
+        _check_same_settings(meta, kind, encoding, split, dataset_dir)
         return False, meta
-    path = fetch(source, source_sha256)
-    text = _read_corpus(path)
-    if kind == "char":
-        return True, prepare_char_corpus(text, dataset_dir, val_fraction, source=str(path))
-    assert encoding is not None
-    tok = TiktokenTokenizer(encoding)
-    return True, prepare_text(text, tok, dataset_dir, val_fraction, source=str(path))
+    files = resolve_source(source, source_sha256)
+    tok: str | TiktokenTokenizer = "char"
+    if kind == "tiktoken":
+        assert encoding is not None
+        tok = TiktokenTokenizer(encoding)
+    meta = prepare_corpus(
+        files,
+        tok,
+        dataset_dir,
+        val_fraction,
+        split=split,
+        seed=seed,
+        document_separator=document_separator,
+        chunk_bytes=chunk_bytes,
+        num_threads=num_threads,
+        progress=progress,
+        source=str(source),
+    )
+    assert (dataset_dir / META_FILE).is_file()
+    return True, meta

@@ -125,10 +125,14 @@ def _get_encoding(name: str) -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
+        request = getattr(e, "request", None)
+        url = getattr(request, "url", None)
+        what = f"downloading {url} failed" if url else "its files could not be loaded"
         raise DataError(
-            f"could not load tiktoken encoding {name!r} ({type(e).__name__}: {e}); set "
-            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files "
-            "(e.g. ../shared/data/tiktoken_cache) or allow network access"
+            f"could not load tiktoken encoding {name!r}: {what} ({type(e).__name__}); "
+            "without network, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache "
+            "files for it (e.g. TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache, each file "
+            "named by the sha1 of its URL), or allow network access once"
         ) from None
 
 
@@ -146,8 +150,19 @@ class TiktokenTokenizer(Tokenizer):
     def encoding_name(self) -> str:
         return self._enc.name
 
+    @property
+    def eot_token(self) -> int | None:
+        """The id of ``<|endoftext|>`` (the document separator), if the encoding has one."""
+        if _EOT in self._enc.special_tokens_set:
+            return self._enc.encode_single_token(_EOT)
+        return None
+
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[list[int]]:
+        """Encode independent texts across ``num_threads`` threads (tiktoken's batch API)."""
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
@@ -162,11 +177,7 @@ class TiktokenTokenizer(Tokenizer):
             "vocab_size": self.vocab_size,
             "tokenizer": "tiktoken",
             "encoding": self._enc.name,
-            "eot_token": (
-                self._enc.encode_single_token(_EOT)
-                if _EOT in self._enc.special_tokens_set
-                else None
-            ),
+            "eot_token": self.eot_token,
         }
 
 

@@ -1,0 +1,411 @@
+"""The streaming preparer: any corpus (one file, a folder, a glob), any tokenizer, any size.
+
+Two passes over the text, each reading ``chunk_bytes`` at a time, so neither the corpus nor its
+tokens are ever held in memory:
+
+1. a scan counts characters and documents (and, for ``char``, collects the vocabulary);
+2. the text is tokenized chunk by chunk and appended to growing temporary token files
+   (:class:`ArtifactWriter`), renamed into place with ``meta.pkl`` written last.
+
+Documents are the files, or the parts of each file between ``document_separator``. With BPE the
+documents of a split are joined by the end-of-text token. Splits:
+
+- ``contiguous``: nanoGPT's split, the first ``int(n_chars * (1 - val_fraction))`` characters of
+  the concatenated text train and the rest validates (each part encoded on its own, exactly as
+  nanoGPT's ``prepare.py`` does, so tinyshakespeare gives nanoGPT's token counts);
+- ``documents``: ``round(n_docs * val_fraction)`` documents (at least one, never all), drawn by a
+  ``numpy`` generator seeded with ``seed``, validate; the rest train, in corpus order.
+
+BPE text is cut into pieces only where no encoding's pre-tokenizer joins across the cut (after
+a newline between two non-space characters, or before a space that starts a word), so a small
+chunk size gives exactly the tokens of encoding each document in one go.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal, TextIO
+
+import numpy as np
+
+from ml_playground.errors import ConfigError, DataError
+from ml_playground.prepare.artifacts import ArtifactWriter, TokenFile
+from ml_playground.prepare.tokenizers import CharTokenizer, TiktokenTokenizer
+
+Split = Literal["contiguous", "documents"]
+SPLITS: tuple[str, ...] = ("contiguous", "documents")
+DEFAULT_CHUNK_BYTES = 4 << 20  # the API default; configs use prepare.chunk_bytes
+_PROGRESS_EVERY_S = 0.25
+_QUIET_BELOW_BYTES = 64 << 20  # off a terminal, only corpora this large report progress
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_chunks(path: Path, chunk_bytes: int, on_bytes: Callable[[int], None]) -> Iterator[str]:
+    """Decoded text of ``path``, ``chunk_bytes`` at a time (strict UTF-8)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(chunk_bytes)
+                final = not raw
+                try:
+                    text = decoder.decode(raw, final=final)
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path} is not valid UTF-8 (near byte {offset + e.start}: {e.reason}); "
+                        "convert it to UTF-8"
+                    ) from None
+                offset += len(raw)
+                on_bytes(len(raw))
+                if text:
+                    yield text
+                if final:
+                    return
+    except OSError as e:
+        raise DataError(
+            f"cannot read {path} ({e.strerror}); check the path and permissions"
+        ) from None
+
+
+def iter_documents(
+    files: Sequence[Path],
+    separator: str,
+    chunk_bytes: int,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> Iterator[tuple[bool, str]]:
+    """``(starts_document, text)`` pieces of the corpus, in order; empty documents are skipped.
+
+    A document is a file, or with a ``separator`` each part of a file between separators.
+    """
+    keep = max(len(separator) - 1, 0)
+    for path in files:
+        new = True
+        carry = ""
+        for chunk in _read_chunks(path, chunk_bytes, on_bytes):
+            if not separator:
+                yield new, chunk
+                new = False
+                continue
+            parts = (carry + chunk).split(separator)
+            carry = parts.pop()
+            for part in parts:
+                if part:
+                    yield new, part
+                new = True
+            if len(carry) > max(chunk_bytes, keep + 1):  # a long document: pass most of it on
+                head, carry = carry[: len(carry) - keep], carry[len(carry) - keep :]
+                yield new, head
+                new = False
+        if carry:
+            yield new, carry
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One status line on stderr: bytes read, tokens written, MB/s and tokens/s.
+
+    On a terminal it redraws in place; elsewhere it prints a line per quarter, and only for a
+    corpus of at least 64 MB, so logs stay short.
+    """
+
+    def __init__(
+        self, label: str, total_bytes: int, enabled: bool, stream: TextIO | None = None
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.label, self.total = label, max(total_bytes, 1)
+        self.tty = enabled and self.stream.isatty()
+        self.enabled = enabled and (self.tty or total_bytes >= _QUIET_BELOW_BYTES)
+        self.bytes = self.tokens = 0
+        self.start = self._last = time.perf_counter()
+        self._quarter = 0
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+        self._maybe_show()
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        mb = self.bytes / 1e6
+        return (
+            f"{self.label}: {mb:,.1f}/{self.total / 1e6:,.1f} MB "
+            f"({100 * self.bytes / self.total:.0f}%), {self.tokens:,} tokens, "
+            f"{mb / elapsed:,.1f} MB/s, {self.tokens / elapsed:,.0f} tokens/s"
+        )
+
+    def _maybe_show(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            now = time.perf_counter()
+            if now - self._last >= _PROGRESS_EVERY_S:
+                self._last = now
+                print("\r" + self.line(), end="", file=self.stream, flush=True)
+            return
+        quarter = 4 * self.bytes // self.total
+        if quarter > self._quarter and quarter < 4:
+            self._quarter = quarter
+            print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(("\r" if self.tty else "") + self.line(), file=self.stream, flush=True)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _is_space(ch: str) -> bool:
+    return ch.isspace()
+
+
+def _safe_at(text: str, i: int) -> bool:
+    """True when no tiktoken pre-tokenizer joins ``text[:i]`` and ``text[i:]`` across ``i``."""
+    if i <= 1 or i >= len(text) - 1:
+        return False
+    ch = text[i]
+    if text[i - 1] == "\n":  # "Y\nX": Y not blank, X a letter or digit
+        return ch.isalnum() and not _is_space(text[i - 2])
+    if ch == " ":  # "Y| X": a word starting with a space after a non-blank
+        return text[i + 1].isalpha() and not _is_space(text[i - 1])
+    return False
+
+
+def _safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last safe cut in ``[lo, hi)``, else the first one at or after ``hi``, else None."""
+    for sep in ("\n", " "):
+        j = hi
+        while (j := text.rfind(sep, lo, j)) >= 0:
+            cut = j + 1 if sep == "\n" else j
+            if _safe_at(text, cut):
+                return cut
+    for sep in ("\n", " "):
+        j = hi - 1
+        while (j := text.find(sep, j + 1)) >= 0:
+            cut = j + 1 if sep == "\n" else j
+            if _safe_at(text, cut):
+                return cut
+    return None
+
+
+def cut_pieces(text: str, piece_chars: int, final: bool) -> tuple[list[str], str]:
+    """Split ``text`` into pieces of about ``piece_chars`` at safe cuts; return (pieces, rest).
+
+    Without ``final`` the tail after the last cut is returned as ``rest`` (more text of the same
+    document follows); with it, the tail is the last piece.
+    """
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = _safe_cut(text, start + 1, start + piece_chars)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    rest = text[start:]
+    if final and rest:
+        pieces.append(rest)
+        rest = ""
+    return pieces, rest
+
+
+class _BpeStream:
+    """Buffers one split's text, encodes it in batches of pieces across threads, writes ids."""
+
+    def __init__(
+        self,
+        tokenizer: TiktokenTokenizer,
+        sink: TokenFile,
+        progress: Progress,
+        chunk_chars: int,
+        threads: int,
+    ) -> None:
+        self.tokenizer, self.sink, self.progress = tokenizer, sink, progress
+        self.eot = tokenizer.eot_token
+        self.threads = threads
+        self.batch_chars = max(chunk_chars, 1)
+        self.piece_chars = max(self.batch_chars // (4 * threads), 1)
+        self.hard_limit = 8 * self.batch_chars + (1 << 20)
+        self.buffer: list[str] = []
+        self.size = 0
+        self.started = False
+
+    def add(self, new_document: bool, text: str) -> None:
+        if new_document and self.started:
+            self._flush(final=True)
+            if self.eot is not None:
+                self._write(np.array([self.eot], dtype=np.int64))
+        self.started = True
+        self.buffer.append(text)
+        self.size += len(text)
+        if self.size >= self.batch_chars:
+            self._flush(final=False)
+
+    def finish(self) -> None:
+        self._flush(final=True)
+
+    def _write(self, ids: np.ndarray) -> None:
+        self.sink.write(ids)
+        self.progress.add_tokens(int(ids.size))
+
+    def _flush(self, final: bool) -> None:
+        text = "".join(self.buffer)
+        pieces, rest = cut_pieces(text, self.piece_chars, final)
+        if len(rest) > self.hard_limit:  # no safe cut in a huge run: cut it anyway
+            pieces += [
+                rest[i : i + self.piece_chars] for i in range(0, len(rest), self.piece_chars)
+            ]
+            rest = ""
+        self.buffer, self.size = ([rest], len(rest)) if rest else ([], 0)
+        if not pieces:
+            return
+        encoded = self.tokenizer.encode_batch(pieces, self.threads)
+        total = sum(len(ids) for ids in encoded)
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=total)
+        self._write(ids)
+
+
+class _CharStream:
+    """Maps characters to ids through the sorted code points of the vocabulary."""
+
+    def __init__(self, chars: Sequence[str], sink: TokenFile, progress: Progress) -> None:
+        self.codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
+        self.sink, self.progress = sink, progress
+
+    def add(self, new_document: bool, text: str) -> None:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        ids = np.searchsorted(self.codepoints, points)
+        self.sink.write(ids)
+        self.progress.add_tokens(int(ids.size))
+
+    def finish(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the preparer
+
+
+def _route(
+    documents: Iterable[tuple[bool, str]],
+    streams: Sequence[_BpeStream | _CharStream],
+    split: str,
+    cut: int,
+    val_docs: np.ndarray,
+) -> None:
+    doc, pos = -1, 0
+    for new, text in documents:
+        doc += new
+        if split == "documents":
+            streams[int(val_docs[doc])].add(new, text)
+            continue
+        end = pos + len(text)
+        if end <= cut:
+            streams[0].add(new, text)
+        elif pos >= cut:
+            streams[1].add(new, text)
+        else:
+            k = cut - pos
+            streams[0].add(new, text[:k])
+            streams[1].add(False, text[k:])
+        pos = end
+
+
+def prepare_corpus(
+    files: Sequence[Path],
+    tokenizer: str | TiktokenTokenizer,
+    out_dir: Path,
+    val_fraction: float,
+    *,
+    split: str = "contiguous",
+    seed: int = 0,
+    document_separator: str = "",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_threads: int = 0,
+    progress: bool = False,
+    source: str = "corpus",
+) -> dict:
+    """Tokenize ``files`` (in order) with ``tokenizer`` ("char" or a tiktoken tokenizer) into
+    ``out_dir``, streaming; return the meta written to ``meta.pkl``."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"prepare.val_fraction must be between 0 and 1, got {val_fraction}")
+    if split not in SPLITS:
+        raise ConfigError(f"prepare.split must be one of {SPLITS}, got {split!r}")
+    if chunk_bytes < 1:
+        raise ConfigError(f"prepare.chunk_bytes must be positive, got {chunk_bytes}")
+    if not files:
+        raise DataError(f"{source} holds no files; point prepare.source at UTF-8 text")
+    threads = num_threads or os.cpu_count() or 1
+    total_bytes = sum(Path(p).stat().st_size for p in files)
+    show = progress
+
+    # Pass 1: characters, documents and (for char) the vocabulary.
+    scan = Progress("prepare: scanning", total_bytes, show)
+    n_chars = n_docs = 0
+    chars: set[str] = set()
+    is_char = tokenizer == "char"
+    for new, text in iter_documents(files, document_separator, chunk_bytes, scan.add_bytes):
+        n_docs += new
+        n_chars += len(text)
+        if is_char:
+            chars.update(text)
+    scan.close()
+    if n_chars == 0:
+        raise DataError(f"{source} is empty; give a non-empty UTF-8 text corpus")
+
+    cut = int(n_chars * (1 - val_fraction))
+    val_docs = np.zeros(0, dtype=bool)
+    if split == "documents":
+        if n_docs < 2:
+            raise DataError(
+                f"{source} holds {n_docs} document, but prepare.split = 'documents' needs at "
+                "least 2: give a folder or glob of several files, set "
+                "prepare.document_separator, or use prepare.split = 'contiguous'"
+            )
+        n_val = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
+        val_docs = np.zeros(n_docs, dtype=bool)
+        val_docs[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+
+    # Pass 2: tokenize into the growing token files.
+    if isinstance(tokenizer, TiktokenTokenizer):
+        tok_meta = tokenizer.meta()
+        vocab_size = tokenizer.vocab_size
+    else:
+        char_tok = CharTokenizer(sorted(chars))
+        tok_meta, vocab_size = char_tok.meta(), char_tok.vocab_size
+    bar = Progress("prepare: tokenizing", total_bytes, show)
+    with ArtifactWriter(Path(out_dir), vocab_size) as writer:
+        streams: list[_BpeStream | _CharStream]
+        if isinstance(tokenizer, TiktokenTokenizer):
+            streams = [
+                _BpeStream(tokenizer, sink, bar, chunk_bytes, threads)
+                for sink in (writer.train, writer.val)
+            ]
+        else:
+            streams = [_CharStream(sorted(chars), sink, bar) for sink in (writer.train, writer.val)]
+        documents = iter_documents(files, document_separator, chunk_bytes, bar.add_bytes)
+        _route(documents, streams, split, cut, val_docs)
+        for stream in streams:
+            stream.finish()
+        bar.close()
+        meta = {**tok_meta, "split": split}
+        if split == "documents":
+            meta.update(
+                seed=seed,
+                val_fraction=val_fraction,
+                train_documents=int(n_docs - val_docs.sum()),
+                val_documents=int(val_docs.sum()),
+            )
+        return writer.commit(meta)

@@ -1,0 +1,775 @@
+"""Bad input, faults and untrusted files through the real console script (issue 8).
+
+Every row of docs/reliability.md that is about the CLI and not already covered by
+tests/e2e/test_cli.py runs here as `python -m ml_playground ...` in a subprocess. One tiny run
+is trained up front (`trained`); the independent commands then start together in a small pool
+(`runs`) and each test checks the outcome of its own. Set RELIABILITY_MESSAGES_OUT=FILE to
+collect what each case printed (the docs table quotes it).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import pickle
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ml_playground.checkpointing import LAST_PATTERN
+from ml_playground.training import LOCK_FILENAME
+
+ERROR_PREFIX = "ml-playground: error:"
+QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu")
+TRAIN_ENV = "ML_PLAYGROUND_TRAIN_OVERRIDES"
+SEPARATOR = "-" * 40
+MESSAGES_ENV = "RELIABILITY_MESSAGES_OUT"
+
+Result = subprocess.CompletedProcess
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def error_lines(result: Result) -> list[str]:
+    """stderr without the informational `note:` lines a training run may print first."""
+    return [
+        line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")
+    ]
+
+
+def report(result: Result) -> str:
+    return (
+        f"exit {result.returncode}\nargs: {result.args}\n"
+        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+
+
+def assert_one_error_line(result: Result, exit_code: int | None, *mentions: str) -> str:
+    """A non-zero exit (or the given code), one `ml-playground: error:` line, no traceback."""
+    if exit_code is None:
+        assert result.returncode not in (0, None), report(result)
+    else:
+        assert result.returncode == exit_code, report(result)
+    lines = error_lines(result)
+    assert len(lines) == 1, report(result)
+    assert lines[0].startswith(ERROR_PREFIX), report(result)
+    for text in mentions:
+        assert text in lines[0], f"{text!r} not named\n{report(result)}"
+    assert "Traceback" not in result.stderr + result.stdout, report(result)
+    return lines[0]
+
+
+def last_steps(folder: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in folder.glob("*") if (m := LAST_PATTERN.match(p.name)))
+
+
+def ckpt_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("ckpt_"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+def all_finite(path: Path) -> bool:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Trained:
+    """prepare + a 10-step fit (last at 0, 5, 10 -> keep 5, 10; best at 10), read-only."""
+
+    folder: Path
+    config: Path
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.folder / "ckpt"
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            str(p.relative_to(self.folder)): p.stat().st_mtime_ns
+            for p in self.folder.rglob("*")
+            if p.is_file()
+        }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_experiment, cli) -> Trained:
+    folder = tmp_path_factory.mktemp("rel_trained").resolve()
+    config = make_experiment(folder)
+    cli("prepare", "--config", config, cwd=folder)
+    cli("fit", "--config", config, "--trainer.max_steps", "10", *QUIET, cwd=folder)
+    return Trained(folder, config)
+
+
+class Unwritable:
+    """Folders a command cannot write to: mode 0555, or (as root) a read-only tmpfs."""
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+        self.chmodded: list[Path] = []
+
+    def make(self, path: Path) -> Path | None:
+        path.mkdir(parents=True)
+        if os.geteuid() != 0:
+            path.chmod(0o555)
+            self.chmodded.append(path)
+            return path
+        # Root ignores permission bits: mount a read-only filesystem there instead.
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            return None
+        self.mounted.append(path)
+        return path
+
+    def cleanup(self) -> None:
+        for path in self.mounted:
+            subprocess.run(["umount", str(path)], capture_output=True, check=False)
+        for path in self.chmodded:
+            path.chmod(0o755)
+
+
+@dataclass
+class Context:
+    trained: Trained
+    cli: Callable[..., Result]
+    mktemp: Callable[[str], Path]
+    make_experiment: Callable[[Path], Path]
+    unwritable: Unwritable
+    server: str  # base URL of a local HTTP server serving the corpus
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def fit_flags(self, folder: Path) -> tuple[str, ...]:
+        """The trained experiment's data, with checkpoints and logs in `folder`."""
+        return (
+            "--config", str(self.trained.config), "--data.dataset_dir", str(self.trained.data),
+            "--checkpointing.dirpath", str(folder / "ckpt"), "--log_dir", str(folder / "logs"),
+            *QUIET,
+        )  # fmt: skip
+
+    def data_copy(self, name: str) -> Path:
+        folder = self.mktemp(name)
+        shutil.copytree(self.trained.data, folder / "data")
+        return folder
+
+
+JOBS: dict[str, Callable[[Context], Any]] = {}
+
+
+def job(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
+    JOBS[fn.__name__] = fn
+    return fn
+
+
+@pytest.fixture(scope="module")
+def corpus_server(corpus_text: str, tmp_path_factory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("served")
+    (folder / "corpus.txt").write_text(corpus_text, encoding="utf-8")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(trained, cli, tmp_path_factory, make_experiment, corpus_server) -> Iterator[dict]:
+    def mktemp(name: str) -> Path:
+        return tmp_path_factory.mktemp(name).resolve()
+
+    unwritable = Unwritable()
+    context = Context(trained, cli, mktemp, make_experiment, unwritable, corpus_server)
+    before = trained.snapshot()
+    workers = max(2, min(4, os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures: dict[str, Future] = {name: pool.submit(fn, context) for name, fn in JOBS.items()}
+        yield {"futures": futures, "before": before, "context": context}
+        for future in futures.values():
+            future.cancel()
+    unwritable.cleanup()
+    out = os.environ.get(MESSAGES_ENV)
+    if out:
+        collected = {}
+        for name, future in futures.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                value = future.result()
+                results = value if isinstance(value, tuple) else (value,)
+                collected[name] = [
+                    {"exit": r.returncode, "stderr": r.stderr, "stdout": r.stdout[-400:]}
+                    for r in results
+                    if isinstance(r, subprocess.CompletedProcess)
+                ]
+        Path(out).write_text(json.dumps(collected, indent=1), encoding="utf-8")
+
+
+def outcome(runs: dict, name: str) -> Any:
+    return runs["futures"][name].result(timeout=900)
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+@dataclass
+class Row:
+    exit_code: int | None  # None: any non-zero code
+    mentions: tuple[str, ...]
+
+
+ROWS: dict[str, Row] = {}
+
+
+def row(exit_code: int | None, *mentions: str) -> Callable:
+    def register(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
+        ROWS[fn.__name__] = Row(exit_code, mentions)
+        return job(fn)
+
+    return register
+
+
+# config ---------------------------------------------------------------------------
+
+
+@row(2, "bad.toml", "not valid TOML")
+def not_toml(ctx: Context) -> Result:
+    folder = ctx.mktemp("not_toml")
+    (folder / "bad.toml").write_text("[model\nn_layer = 1\n", encoding="utf-8")
+    return ctx.cli("fit", "--config", "bad.toml", cwd=folder, check=False)
+
+
+@row(2, "command line", "model.dropout = 1.5", "less than 1")
+def value_out_of_range(ctx: Context) -> Result:
+    folder = ctx.mktemp("out_of_range")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--model.dropout", "1.5", cwd=folder, check=False)
+
+
+@row(2, "n_embd (15) must be divisible by n_head (2)")
+def n_embd_not_divisible(ctx: Context) -> Result:
+    folder = ctx.mktemp("n_embd")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--model.n_embd", "15", cwd=folder, check=False)
+
+
+@row(2, "data.block_size (32) exceeds the model's context model.block_size (16)")
+def data_block_larger_than_model(ctx: Context) -> Result:
+    folder = ctx.mktemp("block")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.block_size", "32", cwd=folder, check=False
+    )
+
+
+@row(2, "warmup_steps (50) must not exceed lr_decay_steps (20)")
+def warmup_longer_than_decay(ctx: Context) -> Result:
+    folder = ctx.mktemp("warmup")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--model.warmup_steps", "50", cwd=folder, check=False
+    )
+
+
+@row(2, TRAIN_ENV, "model.n_layer")
+def env_wrong_type(ctx: Context) -> Result:
+    folder = ctx.mktemp("env_type")
+    env = {TRAIN_ENV: json.dumps({"model": {"n_layer": "two"}})}
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, env=env, check=False)
+
+
+# data -----------------------------------------------------------------------------
+
+
+def without(ctx: Context, *names: str) -> Result:
+    folder = ctx.data_copy(f"missing_{names[0].replace('.', '_')}")
+    for name in names:
+        (folder / "data" / name).unlink()
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@row(1, "missing val.bin", "ml-playground prepare")
+def missing_val_bin(ctx: Context) -> Result:
+    return without(ctx, "val.bin")
+
+
+@row(1, "missing meta.pkl, train.bin", "ml-playground prepare")
+def missing_meta_pkl_and_train_bin(ctx: Context) -> Result:
+    """(Both token files without meta.pkl are nanoGPT's GPT-2 BPE layout: accepted.)"""
+    return without(ctx, "meta.pkl", "train.bin")
+
+
+@row(1, "empty.txt is empty")
+def empty_corpus(ctx: Context) -> Result:
+    folder = ctx.mktemp("empty_corpus")
+    ctx.notes["empty_corpus"] = folder
+    (folder / "empty.txt").write_text("", encoding="utf-8")
+    return ctx.cli(
+        "prepare", "--config", ctx.trained.config, "--prepare.source", folder / "empty.txt",
+        "--data.dataset_dir", folder / "data", cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(1, "train.bin: 15 tokens, fewer than one window of data.block_size + 1 = 17")
+def corpus_shorter_than_a_block(ctx: Context) -> tuple[Result, Result]:
+    """prepare accepts a 30-character corpus (it knows no block size); fit refuses it."""
+    folder = ctx.mktemp("short_corpus")
+    ctx.notes["short_corpus"] = folder
+    (folder / "short.txt").write_text("the quick brown fox jumps over", encoding="utf-8")
+    prepare = ctx.cli(
+        "prepare", "--config", ctx.trained.config, "--prepare.source", folder / "short.txt",
+        "--prepare.val_fraction", "0.5", "--data.dataset_dir", folder / "data", cwd=folder,
+    )  # fmt: skip
+    fit = ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data", cwd=folder,
+        check=False,
+    )  # fmt: skip
+    return fit, prepare
+
+
+def with_meta(ctx: Context, name: str, meta: object) -> Result:
+    folder = ctx.data_copy(name)
+    (folder / "data" / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@row(1, "meta.pkl holds a list, not a dict")
+def meta_not_a_dict(ctx: Context) -> Result:
+    return with_meta(ctx, "meta_list", [1, 2, 3])
+
+
+@row(1, "meta.pkl lacks a positive int 'vocab_size'")
+def meta_without_vocab_size(ctx: Context) -> Result:
+    return with_meta(ctx, "meta_novocab", {"itos": {0: "a"}, "stoi": {"a": 0}})
+
+
+@row(1, "train.bin", "not a multiple of 2")
+def bin_not_a_multiple_of_the_dtype(ctx: Context) -> Result:
+    folder = ctx.data_copy("odd_bin")
+    with open(folder / "data" / "train.bin", "ab") as handle:
+        handle.write(b"\x01")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@job
+def token_ids_outside_vocabulary(ctx: Context) -> Result:
+    folder = ctx.data_copy("big_ids")
+    tokens = np.fromfile(folder / "data" / "train.bin", dtype=np.uint16)
+    tokens[100] = 60000  # the vocabulary has 50 tokens
+    tokens.tofile(folder / "data" / "train.bin")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data",
+        "--trainer.max_steps", "40", cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(1, "sha256 mismatch for download of http://127.0.0.1:", "the file was not cached")
+def download_sha256_mismatch(ctx: Context) -> Result:
+    folder = ctx.mktemp("sha_mismatch")
+    ctx.notes["sha_cache"] = folder / "cache"
+    return ctx.cli(
+        "prepare", "--config", ctx.trained.config, "--prepare.source",
+        f"{ctx.server}/corpus.txt", "--prepare.source_sha256", "0" * 64,
+        "--data.dataset_dir", folder / "data", cwd=folder,
+        env={"ML_PLAYGROUND_CACHE": str(folder / "cache")}, check=False,
+    )  # fmt: skip
+
+
+@row(1, "could not download http://127.0.0.1:", "put the file at", "prepare.source")
+def no_network_no_cache(ctx: Context) -> Result:
+    folder = ctx.mktemp("no_network")
+    url = f"http://127.0.0.1:{free_port()}/input.txt"  # nothing listens there
+    return ctx.cli(
+        "prepare", "--config", ctx.trained.config, "--prepare.source", url,
+        "--prepare.source_sha256", "", "--data.dataset_dir", folder / "data", cwd=folder,
+        env={"ML_PLAYGROUND_CACHE": str(folder / "cache")}, check=False,
+    )  # fmt: skip
+
+
+# checkpoints ------------------------------------------------------------------------
+
+
+@row(1, "notes.pt: not a readable checkpoint")
+def not_a_checkpoint(ctx: Context) -> Result:
+    folder = ctx.mktemp("not_ckpt")
+    (folder / "notes.pt").write_bytes(b"these are my notes, not a checkpoint\n" * 20)
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.ckpt", "notes.pt", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@row(1, "ckpt_last_00000010.pt: vocabulary of 50 tokens", "gives 53")
+def other_vocabulary(ctx: Context) -> Result:
+    folder = ctx.data_copy("other_vocab")
+    meta_path = folder / "data" / "meta.pkl"
+    meta = pickle.loads(meta_path.read_bytes())
+    for extra in "€£¥":
+        meta["stoi"][extra] = meta["vocab_size"]
+        meta["itos"][meta["vocab_size"]] = extra
+        meta["vocab_size"] += 1
+    meta_path.write_bytes(pickle.dumps(meta))
+    return ctx.cli(
+        "fit", "--config", ctx.trained.config, "--data.dataset_dir", folder / "data",
+        "--ckpt_path", "last", "--log_dir", folder / "logs", *QUIET, cwd=folder, check=False,
+    )  # fmt: skip
+
+
+def newer_checkpoint(ctx: Context, name: str) -> Path:
+    folder = ctx.mktemp(name)
+    checkpoint = torch.load(
+        ctx.trained.ckpt / "ckpt_last_00000010.pt", map_location="cpu", weights_only=True
+    )
+    checkpoint["ml_playground"]["format_version"] = 99
+    torch.save(checkpoint, folder / "newer.pt")
+    return folder
+
+
+@row(1, "newer.pt: checkpoint format 99 is newer than this ml-playground supports")
+def newer_version_sample(ctx: Context) -> Result:
+    folder = newer_checkpoint(ctx, "newer_sample")
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.ckpt", "newer.pt", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@row(1, "nope.pt: checkpoint file not found")
+def ckpt_path_does_not_exist(ctx: Context) -> Result:
+    folder = ctx.mktemp("ckpt_path")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "nope.pt", cwd=folder, check=False)
+
+
+class Planted:
+    """Unpickling this runs `open(marker, 'w')`: the code a malicious checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+@row(1, "evil.pt: refusing to load: it references io.open", "nothing in it ran")
+def malicious_checkpoint(ctx: Context) -> Result:
+    folder = ctx.mktemp("evil")
+    checkpoint = torch.load(
+        ctx.trained.ckpt / "ckpt_last_00000010.pt", map_location="cpu", weights_only=True
+    )
+    checkpoint["ml_playground"]["payload"] = Planted(folder / "pwned")
+    torch.save(checkpoint, folder / "evil.pt")
+    ctx.notes["evil"] = folder
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.ckpt", "evil.pt", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+# sampling ---------------------------------------------------------------------------
+
+
+@row(2, "sample.max_new_tokens = 0", "greater than 0")
+def max_new_tokens_zero(ctx: Context) -> Result:
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.max_new_tokens", "0",
+        cwd=ctx.mktemp("max_new"), check=False,
+    )  # fmt: skip
+
+
+@row(2, "sample.temperature = -0.5", "greater than or equal to 0")
+def negative_temperature(ctx: Context) -> Result:
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.temperature", "-0.5",
+        cwd=ctx.mktemp("neg_temp"), check=False,
+    )  # fmt: skip
+
+
+@job
+def zero_temperature(ctx: Context) -> Result:
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.temperature", "0",
+        "--sample.num_samples", "3", cwd=ctx.mktemp("greedy"),
+    )  # fmt: skip
+
+
+@job
+def top_k_larger_than_vocabulary(ctx: Context) -> Result:
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.top_k", "100000",
+        cwd=ctx.mktemp("top_k"),
+    )  # fmt: skip
+
+
+# runtime ----------------------------------------------------------------------------
+
+
+@row(1, "is not writable", "checkpointing.dirpath")
+def checkpoint_folder_not_writable(ctx: Context) -> Result | None:
+    folder = ctx.mktemp("ro_ckpt")
+    if ctx.unwritable.make(folder / "ckpt") is None:
+        return None
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, check=False)
+
+
+@row(1, "logs")
+def log_folder_not_writable(ctx: Context) -> Result | None:
+    folder = ctx.mktemp("ro_logs")
+    if ctx.unwritable.make(folder / "logs") is None:
+        return None
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, check=False)
+
+
+@row(1, "data")
+def dataset_folder_not_writable(ctx: Context) -> Result | None:
+    folder = ctx.mktemp("ro_data")
+    if ctx.unwritable.make(folder / "data") is None:
+        return None
+    return ctx.cli(
+        "prepare", "--config", ctx.trained.config, "--data.dataset_dir", folder / "data",
+        cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(1, "loss became nan at step", "--ckpt_path last")
+def loss_becomes_nan(ctx: Context) -> Result:
+    folder = ctx.mktemp("nan_loss")
+    ctx.notes["loss_becomes_nan"] = folder
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--model.learning_rate", "1e6", "--model.min_lr", "0",
+        "--trainer.log_every_n_steps", "1", cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(1, "weights became NaN or inf by step", "was not written", "ckpt_last_00000000.pt")
+def weights_become_nan_between_log_steps(ctx: Context) -> Result:
+    """The loss is checked only every log_every_n_steps; a checkpoint in between is refused."""
+    folder = ctx.mktemp("nan_weights")
+    ctx.notes["weights_become_nan_between_log_steps"] = folder
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--model.learning_rate", "1e6", "--model.min_lr", "0",
+        "--trainer.log_every_n_steps", "50", "--checkpointing.every_n_steps", "2",
+        cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(1, "could not write checkpoint", "File too large", "ckpt_last_00000005.pt", "intact")
+def disk_full_while_writing_a_checkpoint(ctx: Context) -> Result:
+    """RLIMIT_FSIZE in the child: writes past 60 kB fail (EFBIG, SIGXFSZ ignored), so the
+    step-0 checkpoint (no optimizer state yet, ~40 kB) fits and the step-5 one (~80 kB) not."""
+    folder = ctx.mktemp("disk_full")
+    ctx.notes["disk_full"] = folder
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    args = [sys.executable, "-m", "ml_playground", "fit", *ctx.fit_flags(folder)]
+    return subprocess.run(
+        [*args, "--trainer.max_steps", "10"],
+        cwd=folder,
+        env=child_env(PYTHONDONTWRITEBYTECODE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_one_clear_line(name: str, runs: dict) -> None:
+    result = outcome(runs, name)
+    if result is None:
+        pytest.skip("cannot make a read-only folder here (root without mount)")
+    if isinstance(result, tuple):
+        result = result[0]
+    case = ROWS[name]
+    assert_one_error_line(result, case.exit_code, *case.mentions)
+
+
+# --------------------------------------------------------------------------- row specifics
+
+
+def test_failed_commands_leave_the_trained_run_untouched(trained: Trained, runs: dict) -> None:
+    for name in JOBS:
+        runs["futures"][name].exception(timeout=900)  # wait for every case
+    assert trained.snapshot() == runs["before"]
+
+
+def test_empty_and_short_corpus_write_no_broken_artifacts(runs: dict) -> None:
+    _, prepare = outcome(runs, "corpus_shorter_than_a_block")
+    assert "prepare: wrote" in prepare.stdout
+    folder = runs["context"].notes["short_corpus"]
+    assert not (folder / "ckpt").exists()  # refused before anything was written
+    outcome(runs, "empty_corpus")
+    data = runs["context"].notes["empty_corpus"] / "data"
+    assert not data.exists() or not any(data.iterdir())
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(runs: dict) -> None:
+    assert_one_error_line(outcome(runs, "token_ids_outside_vocabulary"), 1, "train.bin", "50")
+
+
+def test_sha256_mismatch_caches_nothing(runs: dict) -> None:
+    outcome(runs, "download_sha256_mismatch")
+    cache = runs["context"].notes["sha_cache"]
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_malicious_checkpoint_runs_no_code(runs: dict) -> None:
+    outcome(runs, "malicious_checkpoint")
+    folder = runs["context"].notes["evil"]
+    assert not (folder / "pwned").exists()  # refused by weights_only=True: nothing ran
+    torch.load(folder / "evil.pt", weights_only=False)  # the file really would run code
+    assert (folder / "pwned").exists()
+
+
+def samples(stdout: str) -> list[str]:
+    return [chunk.rstrip("\n") for chunk in stdout.split(SEPARATOR + "\n")[:-1]]
+
+
+def test_zero_temperature_is_greedy(runs: dict) -> None:
+    result = outcome(runs, "zero_temperature")
+    texts = samples(result.stdout)
+    assert len(texts) == 3 and len(set(texts)) == 1, texts  # greedy: every sample the same
+    assert texts[0].startswith("the ")
+
+
+def test_top_k_larger_than_the_vocabulary_is_clamped(runs: dict) -> None:
+    result = outcome(runs, "top_k_larger_than_vocabulary")
+    texts = samples(result.stdout)
+    assert len(texts) == 2 and all(t.startswith("the ") for t in texts)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["loss_becomes_nan", "weights_become_nan_between_log_steps"])
+def test_nan_keeps_only_good_checkpoints(name: str, runs: dict) -> None:
+    outcome(runs, name)
+    ckpt = runs["context"].notes[name] / "ckpt"
+    files = ckpt_files(ckpt)
+    assert "ckpt_last_00000000.pt" in files, files
+    assert all(all_finite(ckpt / name) for name in files), files
+    assert leftovers(ckpt) == [] and not (ckpt / LOCK_FILENAME).exists()
+
+
+def test_disk_full_keeps_earlier_checkpoints_and_no_partial_file(runs: dict) -> None:
+    outcome(runs, "disk_full_while_writing_a_checkpoint")
+    ckpt = runs["context"].notes["disk_full"] / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_last_00000000.pt"]
+    torch.load(ckpt / "ckpt_last_00000000.pt", map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- kill, lock, resume
+
+
+def start_fit(config: Path, folder: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *flags],
+        cwd=folder,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"fit ended early: {process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s")
+
+
+def test_random_sigkills_then_resume_with_lock(
+    tmp_path: Path, make_experiment, cli, runs: dict
+) -> None:
+    """Three runs killed with SIGKILL at random moments, each resumed; a second fit is refused
+    while one runs; the stale lock a killed run leaves does not block the next one."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    ckpt = tmp_path / "ckpt"
+    every = ("--checkpointing.every_n_steps", "2", "--trainer.val_check_interval", "3", *QUIET)
+    rng = random.Random(8)
+    killed_at = -1
+    for attempt in range(3):
+        resume = () if attempt == 0 else ("--ckpt_path", "last")
+        process = start_fit(config, tmp_path, *resume, "--trainer.max_steps", "100000", *every)
+        try:
+            wait_for(lambda since=killed_at: any(s > since for s in last_steps(ckpt)), process, 120)
+            if attempt == 0:
+                busy = cli("fit", "--config", config, "--ckpt_path", "last", *every,
+                           cwd=tmp_path, check=False)  # fmt: skip
+                assert_one_error_line(busy, 1, "in use by another fit", str(process.pid))
+            time.sleep(rng.uniform(0.0, 1.5))  # between two writes, or in the middle of one
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert (ckpt / LOCK_FILENAME).read_text().split()[0] == str(process.pid)  # stale now
+        for path in ckpt.glob("ckpt_*.pt"):  # every file under a final name is whole
+            torch.load(path, map_location="cpu", weights_only=True)
+        killed_at = max(last_steps(ckpt))
+    final = killed_at + 4
+    cli("fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps", str(final),
+        *every, cwd=tmp_path)  # fmt: skip
+    assert leftovers(ckpt) == []
+    assert not (ckpt / LOCK_FILENAME).exists()
+    assert last_steps(ckpt) == [final - 2, final]  # keep.last = 2, every 2 steps
+    best = [p for p in ckpt.iterdir() if p.name.startswith("ckpt_best_")]
+    assert len(best) == 1  # keep.best = 1
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(ckpt_files(ckpt))
+    last = torch.load(ckpt / f"ckpt_last_{final:08d}.pt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == final

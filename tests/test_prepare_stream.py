@@ -1,0 +1,346 @@
+"""The streaming preparer: folders and globs, tiny tiktoken encodings (no network), the
+by-document split, uint32 token files, chunked == one-shot, and the data module reading it all."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+
+from ml_playground.data import GPTDataModule, require_artifacts
+from ml_playground.errors import ConfigError, DataError
+from ml_playground.prepare import (
+    ArtifactWriter,
+    TiktokenTokenizer,
+    dataset_meta,
+    iter_documents,
+    load_tokens,
+    prepare_corpus,
+    read_meta,
+    resolve_source,
+    run_prepare,
+    write_bin_and_meta,
+)
+from ml_playground.prepare import tokenizers as tokenizers_module
+from ml_playground.prepare.stream import Progress, cut_pieces
+
+EOT = "<|endoftext|>"
+
+
+def tiny_encoding(eot_id: int = 265) -> tiktoken.Encoding:
+    """A byte-level BPE with GPT-2's pre-tokenizer and a few merges; built here, no network."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in (b"th", b"he", b"the", b" t", b" the", b"in", b"ng", b"ing", b"\n\n"):
+        ranks[merge] = len(ranks)
+    return tiktoken.Encoding(
+        name=f"tiny_bpe_{eot_id}",
+        pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks,
+        special_tokens={EOT: eot_id},
+    )
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["the", "king", "thing", "sing", "ringing", "of", "war", "42", "don't", "héllo", "—"]
+    docs = []
+    for i in range(n):
+        lines = [
+            " ".join(rng.choice(words, size=int(rng.integers(3, 9)))) + rng.choice([".", "!", ""])
+            for _ in range(int(rng.integers(2, 7)))
+        ]
+        docs.append(f"Doc {i}\n" + "\n".join(lines) + "\n" + "\n" * int(rng.integers(0, 3)))
+    return docs
+
+
+def write_folder(folder: Path, docs: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        sub = folder / ("b" if i % 2 else "a")
+        sub.mkdir(exist_ok=True)
+        (sub / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+    (folder / "ignored.md").write_text("not a .txt file", encoding="utf-8")
+    return folder
+
+
+def ids(folder: Path, split: str) -> list[int]:
+    meta = read_meta(folder / "meta.pkl")
+    return load_tokens(folder / f"{split}.bin", meta["dtype"]).tolist()
+
+
+def artifacts(folder: Path) -> tuple[bytes, bytes, dict]:
+    return (
+        (folder / "train.bin").read_bytes(),
+        (folder / "val.bin").read_bytes(),
+        read_meta(folder / "meta.pkl"),
+    )
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def test_resolve_source_file_folder_glob(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "corpus", documents(4))
+    files = resolve_source(folder, None)
+    assert [p.name for p in files] == ["doc000.txt", "doc002.txt", "doc001.txt", "doc003.txt"]
+    assert files == sorted(files)
+    assert resolve_source(str(folder / "a" / "*.txt"), None) == files[:2]
+    assert resolve_source(str(folder / "**" / "doc00[13].txt"), None) == files[2:]
+    assert resolve_source(files[0], None) == [files[0]]
+    with pytest.raises(DataError, match="no file matches"):
+        resolve_source(str(folder / "*.csv"), None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \*\.txt files"):
+        resolve_source(tmp_path / "empty", None)
+    with pytest.raises(ConfigError, match="single file"):
+        resolve_source(folder, "0" * 64)
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_source(tmp_path / "missing.txt", None)
+
+
+def test_iter_documents_separator_across_chunks(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\n\n\ntwo two\n\n\n\n\n\nthree", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("four", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("", encoding="utf-8")
+    files = [tmp_path / n for n in ("a.txt", "b.txt", "c.txt")]
+    for chunk in (1, 2, 3, 5, 1000):
+        docs: list[str] = []
+        for new, text in iter_documents(files, "\n\n\n", chunk):
+            if new:
+                docs.append("")
+            docs[-1] += text
+        assert docs == ["one", "two two", "three", "four"], chunk
+        whole = [t for _, t in iter_documents(files, "", chunk)]
+        assert "".join(whole) == "one\n\n\ntwo two\n\n\n\n\n\nthreefour"
+
+
+# --- tiny tiktoken encodings, folders, splits ----------------------------------------------
+
+
+def test_prepare_folder_with_tiny_tiktoken_contiguous(tmp_path: Path) -> None:
+    docs = documents(6)
+    files = resolve_source(write_folder(tmp_path / "corpus", docs), None)
+    enc = tiny_encoding()
+    meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", 0.1)
+    assert meta["vocab_size"] == 266 and meta["eot_token"] == 265 and meta["dtype"] == "uint16"
+    assert meta["split"] == "contiguous" and meta["encoding"] == enc.name
+    ordered = [p.read_text(encoding="utf-8") for p in files]
+    text = "".join(ordered)
+    cut = int(len(text) * 0.9)
+    # Documents are joined by <|endoftext|>; the split cuts the text where nanoGPT would.
+    expected = enc.encode(EOT.join(ordered), allowed_special={EOT})
+    got = ids(tmp_path / "ds", "train") + ids(tmp_path / "ds", "val")
+    assert enc.decode(got) == EOT.join(ordered)
+    assert got.count(265) == len(docs) - 1 == expected.count(265)
+    pos = cut
+    for doc in ordered:  # the cut lies inside the last document: train ends with its head
+        if pos <= len(doc):
+            head = doc[:pos]
+            break
+        pos -= len(doc)
+    assert enc.decode(ids(tmp_path / "ds", "train")).endswith(head)
+    assert EOT not in enc.decode(ids(tmp_path / "ds", "val"))
+
+
+def test_by_document_split_is_reproducible_from_the_seed(tmp_path: Path) -> None:
+    docs = documents(20, seed=3)
+    files = resolve_source(write_folder(tmp_path / "corpus", docs), None)
+    tok = TiktokenTokenizer(tiny_encoding())
+
+    def run(name: str, seed: int) -> tuple[bytes, bytes, dict]:
+        prepare_corpus(files, tok, tmp_path / name, 0.25, split="documents", seed=seed)
+        return artifacts(tmp_path / name)
+
+    first, again, other = run("s1", 1), run("s1b", 1), run("s2", 2)
+    assert first == again
+    assert first[1] != other[1]
+    meta = first[2]
+    assert (meta["train_documents"], meta["val_documents"]) == (15, 5)
+    assert meta["split"] == "documents" and meta["seed"] == 1
+    ordered = [p.read_text(encoding="utf-8") for p in files]
+    val_docs = tok.decode(ids(tmp_path / "s1", "val")).split(EOT)
+    train_docs = tok.decode(ids(tmp_path / "s1", "train")).split(EOT)
+    assert len(val_docs) == 5 and sorted(val_docs + train_docs) == sorted(ordered)
+    assert train_docs == [d for d in ordered if d not in val_docs]  # corpus order kept
+
+
+def test_documents_split_needs_two_documents(tmp_path: Path) -> None:
+    (tmp_path / "one.txt").write_text("just one document\n" * 20, encoding="utf-8")
+    with pytest.raises(DataError, match="document_separator"):
+        run_prepare(tmp_path / "one.txt", None, "char", 0.1, tmp_path / "ds", split="documents")
+    did, meta = run_prepare(
+        tmp_path / "one.txt",
+        None,
+        "char",
+        0.5,
+        tmp_path / "ds",
+        split="documents",
+        document_separator="\n",
+    )
+    assert did and meta["train_documents"] == meta["val_documents"] == 10
+    with pytest.raises(DataError, match=r"split 'documents'.*--force"):
+        run_prepare(tmp_path / "one.txt", None, "char", 0.5, tmp_path / "ds")
+
+
+@pytest.mark.parametrize("split", ["contiguous", "documents"])
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_small_chunks_give_the_one_shot_artifacts(
+    tmp_path: Path, split: str, tokenizer: str
+) -> None:
+    docs = documents(12, seed=5)
+    files = resolve_source(write_folder(tmp_path / "corpus", docs), None)
+    tok = "char" if tokenizer == "char" else TiktokenTokenizer(tiny_encoding())
+    total = sum(p.stat().st_size for p in files)
+    results = []
+    for chunk in (1 << 30, 64, 7):
+        out = tmp_path / f"ds{chunk}"
+        prepare_corpus(files, tok, out, 0.2, split=split, seed=9, chunk_bytes=chunk, num_threads=2)
+        results.append(artifacts(out))
+    assert 7 < 64 < total < 1 << 30
+    assert results[0] == results[1] == results[2]
+
+
+def test_cut_pieces_only_cuts_where_tokens_do_not_change() -> None:
+    enc = tiny_encoding()
+    text = "".join(documents(8, seed=1)) + "wordwithoutspaces" * 20 + "  two  spaces \n\n x"
+    for size in (1, 5, 40):
+        pieces, rest = cut_pieces(text, size, final=True)
+        assert "".join(pieces) == text and rest == ""
+        joined = [i for p in pieces for i in enc.encode_ordinary(p)]
+        assert joined == enc.encode_ordinary(text)
+
+
+def test_char_tokenizer_folder_and_utf8_errors(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "corpus", ["héllo wörld\n" * 5, "naïve — text\n" * 5])
+    did, meta = run_prepare(folder, None, "char", 0.1, tmp_path / "ds", chunk_bytes=3)
+    text = "".join(p.read_text(encoding="utf-8") for p in resolve_source(folder, None))
+    assert did and meta["vocab_size"] == len(set(text))
+    itos = meta["itos"]
+    decoded = "".join(itos[i] for i in ids(tmp_path / "ds", "train") + ids(tmp_path / "ds", "val"))
+    assert decoded == text
+    (folder / "a" / "bad.txt").write_bytes(b"fine\n" * 10 + b"\xff\xfe")
+    with pytest.raises(DataError, match=r"bad\.txt is not valid UTF-8 \(near byte 50"):
+        run_prepare(folder, None, "char", 0.1, tmp_path / "ds2", chunk_bytes=4)
+    assert not (tmp_path / "ds2").exists()  # found by the scan, before anything is written
+
+
+def test_artifact_writer_leaves_nothing_behind_on_error(tmp_path: Path) -> None:
+    write_bin_and_meta(tmp_path, np.arange(10), np.arange(5), {"vocab_size": 10})
+    with (
+        pytest.raises(DataError, match="outside the vocabulary"),
+        ArtifactWriter(tmp_path, 10) as w,
+    ):
+        w.train.write(np.arange(5))
+        w.val.write(np.array([3, 12]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "val.bin"]  # meta gone
+    with ArtifactWriter(tmp_path, 10) as w:
+        w.train.write(np.arange(6))
+        w.val.write([1, 2])
+        meta = w.commit({"vocab_size": 10, "tokenizer": "char"})
+    assert (meta["train_tokens"], meta["val_tokens"]) == (6, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.pkl", "train.bin", "val.bin"]
+    assert ids(tmp_path, "val") == [1, 2]
+
+
+# --- uint32 ---------------------------------------------------------------------------------
+
+
+def test_uint32_when_the_vocabulary_exceeds_uint16(tmp_path: Path) -> None:
+    enc = tiny_encoding(eot_id=69_999)  # n_vocab 70,000: ids do not fit uint16
+    files = resolve_source(write_folder(tmp_path / "corpus", documents(6)), None)
+    meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", 0.3, chunk_bytes=50)
+    assert meta["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
+    train = ids(tmp_path / "ds", "train")
+    assert 69_999 in train
+    assert (tmp_path / "ds" / "train.bin").stat().st_size == 4 * len(train)
+    dm = GPTDataModule(tmp_path / "ds", batch_size=64, block_size=8, val_batches=1, seed=0)
+    assert dm.dtype == "uint32" and dm.vocab_size == 70_000
+    x, y = next(iter(dm.train_dataloader()))
+    assert int(torch_max(x, y)) == 69_999
+
+
+def torch_max(*tensors: object) -> int:
+    return max(int(t.max()) for t in tensors)  # type: ignore[attr-defined]
+
+
+def test_data_module_reads_a_fake_uint32_vocabulary(tmp_path: Path) -> None:
+    train = np.tile(np.array([69_999, 65_536, 1, 69_998]), 16)
+    val = np.tile(np.array([69_997, 2]), 16)
+    meta = write_bin_and_meta(tmp_path, train, val, {"vocab_size": 70_000})
+    assert meta["dtype"] == "uint32"
+    dm = GPTDataModule(tmp_path, batch_size=2, block_size=4, val_batches=1, seed=0)
+    x, y = next(iter(dm.val_dataloader()))
+    assert set(x.flatten().tolist()) | set(y.flatten().tolist()) == {69_997, 2}
+    x, _ = next(iter(dm.train_dataloader()))
+    assert set(x.flatten().tolist()) <= {69_999, 65_536, 1, 69_998}
+
+
+# --- nanoGPT folders --------------------------------------------------------------------------
+
+
+def test_nanogpt_folder_without_meta_is_gpt2(tmp_path: Path) -> None:
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(50, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    require_artifacts(tmp_path)
+    meta = dataset_meta(tmp_path)
+    assert (meta["vocab_size"], meta["encoding"], meta["dtype"]) == (50257, "gpt2", "uint16")
+    dm = GPTDataModule(tmp_path, batch_size=2, block_size=8, val_batches=1, seed=0)
+    assert dm.vocab_size == 50257
+    # prepare leaves such a folder alone unless forced, and only for the GPT-2 tokenizer
+    did, again = run_prepare("unused.txt", None, "tiktoken:gpt2", 0.1, tmp_path)
+    assert not did and again == meta
+    with pytest.raises(DataError, match="--force"):
+        run_prepare("unused.txt", None, "char", 0.1, tmp_path)
+    (tmp_path / "val.bin").unlink()
+    with pytest.raises(DataError, match=r"missing meta\.pkl, val\.bin"):
+        require_artifacts(tmp_path)
+
+
+# --- errors and progress --------------------------------------------------------------------
+
+
+def test_tiktoken_offline_error_names_url_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Request:
+        url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+
+    class ConnectionError(Exception):
+        request = Request()
+
+    def offline(name: str) -> tiktoken.Encoding:
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(tokenizers_module.tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError) as e:
+        TiktokenTokenizer("gpt2")
+    assert Request.url in str(e.value) and "TIKTOKEN_CACHE_DIR" in str(e.value)
+
+
+def test_progress_line() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    bar = Progress("prepare: tokenizing", 2_000_000, enabled=True, stream=tty)
+    bar.add_bytes(1_000_000)
+    bar.add_tokens(250_000)
+    bar.close()
+    line = tty.getvalue().rsplit("\r", 1)[-1]
+    assert line.startswith("prepare: tokenizing: 1.0/2.0 MB (50%), 250,000 tokens, ")
+    assert "MB/s" in line and line.endswith("tokens/s\n")
+    quiet = io.StringIO()  # not a terminal and a small corpus: silent
+    bar = Progress("x", 1000, enabled=True, stream=quiet)
+    bar.add_bytes(1000)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_meta_stays_plain_data(tmp_path: Path) -> None:
+    files = resolve_source(write_folder(tmp_path / "c", documents(3)), None)
+    prepare_corpus(files, "char", tmp_path / "ds", 0.3, split="documents", seed=4)
+    raw = pickle.loads((tmp_path / "ds" / "meta.pkl").read_bytes())
+    assert raw == read_meta(tmp_path / "ds" / "meta.pkl")
