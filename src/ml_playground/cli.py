@@ -186,9 +186,15 @@ def cmd_sample(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
     path, texts = sample(cfg)
     print(f"sampling from {path}", file=sys.stderr)
-    for text in texts:
-        print(text)
-        print(SEPARATOR)
+    report = "".join(f"{text}\n{SEPARATOR}\n" for text in texts)
+    print(report, end="")
+    if cfg.sample.output:
+        output = Path(cfg.sample.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(report, encoding="utf-8")
+        tmp.replace(output)
+        print(f"samples written to {output}", file=sys.stderr)
     return 0
 
 

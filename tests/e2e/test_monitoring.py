@@ -69,3 +69,17 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path: Path, make_experimen
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names[0].startswith("ckpt_best_00000005_")
     assert "ckpt_last_00000010.pt" in names and "ckpt_last_00000020.pt" not in names
+
+
+def test_sample_output_file(tmp_path: Path, make_experiment, cli) -> None:
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    cli("fit", "--config", config, "--trainer.max_steps", "10", cwd=tmp_path)
+    # Relative to the config file's folder, like every path in a config file.
+    config.write_text(
+        config.read_text().replace("top_k = 10\n", 'top_k = 10\noutput = "out/s.txt"\n')
+    )
+    result = cli("sample", "--config", config, cwd=tmp_path / "ckpt")
+    written = (tmp_path / "out" / "s.txt").read_text(encoding="utf-8")
+    assert written == result.stdout
+    assert written.count("-" * 40) == 2

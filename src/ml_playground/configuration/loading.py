@@ -208,6 +208,7 @@ def _resolve_layer_paths(layer: Layer) -> dict[str, Any]:
         update(key, anchor)
     update("prepare.source", lambda s: s if s.startswith(_URL_PREFIXES) else anchor(s))
     update("sample.ckpt", lambda s: s if s in _CKPT_ALIASES else anchor(s))
+    update("sample.output", anchor)
     update(
         "sample.prompt",
         lambda s: (

@@ -180,6 +180,10 @@ class SampleConfig(Section):
     top_k: int = Field(description="sample among the k likeliest tokens; 0 disables", ge=0)
     top_p: float = Field(description="nucleus sampling mass; 1.0 disables", gt=0.0, le=1.0)
     seed: int = Field(description="random seed of the sampler")
+    output: str = Field(
+        description='also write the samples to this file ("" : only print them); relative '
+        "paths resolve against the config file"
+    )
 
 
 class ExperimentConfig(Section):
