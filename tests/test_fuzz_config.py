@@ -4,7 +4,6 @@ flags hold, `load_config` returns an `ExperimentConfig` or raises `ConfigError`,
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ml_playground.configuration import load_config
-from ml_playground.configuration.loading import TRAIN_OVERRIDES_ENV
+from ml_playground.configuration.loading import TRAIN_OVERRIDES_ENV, _toml_key, _toml_value
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.errors import ConfigError
 
@@ -95,27 +94,8 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-def toml_key(key: str) -> str:
-    return json.dumps(key, ensure_ascii=False)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    inner = ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items())
-    return "{" + inner + "}"
+# The project's own TOML writer (it also writes --print_config and config.toml).
+toml_key, toml_value = _toml_key, _toml_value
 
 
 def to_toml(doc: dict[str, Any]) -> str:
