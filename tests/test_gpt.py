@@ -331,3 +331,16 @@ def test_refresh_keep_matches_its_reference_and_exact_mode_within_the_window() -
             logits, _ = model(idx[:, start:])
             idx = torch.cat((idx, logits[:, -1, :].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(out, idx)
+
+
+def test_vocab_limit_never_picks_padding_tokens() -> None:
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16,
+                       dropout=0.0, bias=False)  # fmt: skip
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[50:] += 5.0  # make the padding ids the likeliest ones
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(torch.zeros((4, 1), dtype=torch.long), 30, temperature=1.0,
+                         vocab_limit=50, refresh_keep=6, generator=g)  # fmt: skip
+    assert int(out.max()) < 50
