@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TypeVar
 
 import tiktoken
 
@@ -74,13 +75,7 @@ class CharTokenizer(Tokenizer):
                 "meta.pkl has no usable 'itos'/'stoi' for the char tokenizer (ids must be 0..n-1);"
                 " rebuild it with `ml-playground prepare --force`"
             ) from None
-        tok = cls(chars)
-        if meta.get("vocab_size") != tok.vocab_size:
-            raise DataError(
-                f"meta.pkl says vocab_size {meta.get('vocab_size')} but its char table has "
-                f"{tok.vocab_size} entries; rebuild it with `ml-playground prepare --force`"
-            )
-        return tok
+        return _matching_vocab(meta, cls(chars), "its char table")
 
     @property
     def vocab_size(self) -> int:
@@ -193,13 +188,7 @@ def tokenizer_from_meta(meta: dict) -> Tokenizer:
                 f"meta.pkl names tokenizer 'tiktoken' but no encoding (got {name!r}); "
                 "rebuild it with `ml-playground prepare --force`"
             )
-        tok = TiktokenTokenizer(name)
-        if meta.get("vocab_size") != tok.vocab_size:
-            raise DataError(
-                f"meta.pkl says vocab_size {meta.get('vocab_size')} but tiktoken {name!r} has "
-                f"{tok.vocab_size}; rebuild it with `ml-playground prepare --force`"
-            )
-        return tok
+        return _matching_vocab(meta, TiktokenTokenizer(name), f"tiktoken {name!r}")
     raise DataError(
         f"meta.pkl names an unknown tokenizer {kind!r} (expected 'char' or 'tiktoken'); "
         "rebuild it with `ml-playground prepare --force`"
@@ -222,3 +211,16 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
         f"prepare.tokenizer must be 'char' or 'tiktoken:<encoding>' (e.g. 'tiktoken:gpt2'), "
         f"got {spec!r}"
     )
+
+
+_T = TypeVar("_T", bound=Tokenizer)
+
+
+def _matching_vocab(meta: dict, tokenizer: _T, what: str) -> _T:
+    """The tokenizer, if meta.pkl's vocab_size agrees with it."""
+    if meta.get("vocab_size") != tokenizer.vocab_size:
+        raise DataError(
+            f"meta.pkl says vocab_size {meta.get('vocab_size')} but {what} has "
+            f"{tokenizer.vocab_size} tokens; rebuild it with `ml-playground prepare --force`"
+        )
+    return tokenizer
