@@ -7,8 +7,13 @@ warm-up, tokens per second, and the ratio fit / plain.
     uv run python benchmarks/train_throughput.py                       # CPU recipe
     uv run python benchmarks/train_throughput.py --config configs/shakespeare_char_gpu.toml \\
         --steps 100 --rounds 3
+    # GPT-2 124M on random tokens (nanoGPT's bench.py setting), no corpus needed:
+    uv run python benchmarks/train_throughput.py --config configs/gpt2_124m.toml \\
+        --random-data 50257 --set trainer.accumulate_grad_batches 1 --steps 60 --rounds 2
 
 Checkpoints and validation are switched off in both, so the figure is the training step alone.
+A step is one optimizer step (all its accumulated micro-batches). On a GPU whose peak is in
+ml_playground/hardware.py the MFU of each is printed too.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from ml_playground.configuration import load_config
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule, RandomWindows
-from ml_playground.model.module import GPTLightningModule, WarmupCosine
-from ml_playground.prepare import artifacts_ready, run_prepare
+from ml_playground.hardware import peak_flops
+from ml_playground.model.gpt import GPT
+from ml_playground.model.module import GPTLightningModule, WarmupCosine, gpt_config
+from ml_playground.prepare import artifacts_ready, run_prepare, write_bin_and_meta
 from ml_playground.training import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +44,30 @@ SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt
 
 
 class StepTimer(pl.Callback):
+    """A time stamp after every optimizer step (not every micro-batch)."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
+        self._step = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step:
+            return  # a micro-batch inside gradient accumulation
+        self._step = trainer.global_step
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+
+
+def write_random_data(folder: Path, vocab_size: int, tokens: int = 1 << 24) -> None:
+    """Uniformly random token ids: the throughput of a corpus without preparing one."""
+    rng = np.random.default_rng(0)
+    write_bin_and_meta(
+        folder,
+        rng.integers(0, vocab_size, size=tokens, dtype=np.int64),
+        rng.integers(0, vocab_size, size=tokens // 64, dtype=np.int64),
+        {"vocab_size": vocab_size},
+    )
 
 
 def ensure_data(cfg: ExperimentConfig) -> None:
@@ -116,14 +141,16 @@ def run_plain(cfg: ExperimentConfig, steps: int) -> list[float]:
         else contextlib.nullcontext()
     )
     clip = cfg.trainer.get("gradient_clip_val")
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     model.train()
     stamps = []
     for _ in range(steps):
-        x, y = next(stream)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
+        for _ in range(accumulate):
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                _, loss = model(x, y)
+            (loss / accumulate).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -142,9 +169,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="A B rounds")
     parser.add_argument("--warmup", type=int, default=20, help="steps ignored per round")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    parser.add_argument(
+        "--random-data",
+        type=int,
+        metavar="VOCAB",
+        help="train on random token ids of this vocabulary (e.g. 50257) instead of the corpus",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random_data:
+            write_random_data(Path(tmp) / "random", args.random_data)
+            args.set.insert(0, ("data.dataset_dir", f"{tmp}/random"))
         flags = [
             ("trainer.max_steps", str(args.steps)),
             ("trainer.val_check_interval", str(10**9)),
@@ -166,12 +202,26 @@ def main() -> None:
     tokens = (
         cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
     )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"config: {args.config.name}  device: {device}  threads: {torch.get_num_threads()}")
-    print(f"{'':8} {'median ms/step':>15} {'tokens/s':>10}")
+    on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    peak, device_name = peak_flops(device, str(cfg.trainer.get("precision", "32-true")))
+    vocab = (
+        args.random_data
+        or GPTDataModule(
+            cfg.data.dataset_dir, cfg.data.batch_size, cfg.data.block_size, 1
+        ).vocab_size
+    )
+    flops_per_token = GPT(gpt_config(cfg.model, vocab)).flops_per_token()
+    print(
+        f"config: {args.config.name}  device: {device_name}  threads: {torch.get_num_threads()}"
+        f"  tokens/step: {tokens}  torch {torch.__version__}"
+    )
+    print(f"{'':8} {'median ms/step':>15} {'tokens/s':>10} {'MFU':>6}")
     for name, values in (("fit", fit_ms), ("plain", plain_ms)):
         median = statistics.median(values)
-        print(f"{name:8} {median:15.2f} {tokens / median * 1000:10.0f}")
+        rate = tokens / median * 1000
+        mfu = f"{flops_per_token * rate / peak:6.1%}" if peak else f"{'-':>6}"
+        print(f"{name:8} {median:15.2f} {rate:10.0f} {mfu}")
     print(f"ratio fit/plain: {statistics.median(fit_ms) / statistics.median(plain_ms):.3f}")
 
 

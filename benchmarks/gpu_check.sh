@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a machine with one NVIDIA GPU (an H100/H200 lent for minutes):
+# CUDA correctness tests, GPT-2 124M throughput (fit vs plain loop, MFU), the shakespeare_char
+# GPU recipe end to end (time to val/loss <= 1.47), and sampling speed. Run from the repo root:
+#
+#   bash benchmarks/gpu_carry.sh        # here, once: wheels + corpus into .whl/ and .gpu/
+#   bash benchmarks/gpu_check.sh        # there: logs go to $OUT (or ./gpu_check_out)
+#
+# Each step has its own time limit so one slow step cannot eat the others' time; the most
+# important figures come first. Uses python3 from PATH (PYTHON=... to choose another).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_check_out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+corpus=${CORPUS:-.gpu/input.txt}
+work=$(mktemp -d)
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$work/inductor"
+
+if [ -d .whl ]; then  # packages the machine lacks (pydantic), carried as wheels
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$work/site" .whl/*.whl || exit 1
+  export PYTHONPATH="$work/site"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+step() { echo; echo "=== $1  ($(date +%T), ${SECONDS}s)"; }
+run() {  # run LIMIT_SECONDS LOG COMMAND...: output to the console and to $out/LOG
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" "$@" 2>&1 | tee "$out/$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "!!! exit $rc: $*"
+}
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+$py -c "import sys, torch, lightning, pydantic, numpy; print('python', sys.version.split()[0], \
+'| torch', torch.__version__, '| lightning', lightning.__version__, '| pydantic', \
+pydantic.__version__, '| numpy', numpy.__version__, '|', torch.cuda.get_device_name())" || exit 1
+
+step "GPT-2 124M, batch 12 x 1024, bf16, compile, random tokens: fit vs plain loop"
+run 240 gpt2_b12.log $py benchmarks/train_throughput.py --config configs/gpt2_124m.toml \
+  --random-data 50257 --set trainer.accumulate_grad_batches 1 --steps 60 --rounds 2 --warmup 15
+
+step "shakespeare_char GPU recipe, whole loop from a cold start (time to val/loss <= 1.47)"
+start=$(date +%s.%N)
+run 300 shakespeare_char_gpu.log $py -m ml_playground loop \
+  --config configs/shakespeare_char_gpu.toml --prepare.source "$corpus" \
+  --data.dataset_dir "$work/shakespeare_char" --checkpointing.dirpath "$work/ckpt" \
+  --log_dir "$work/logs" --trainer.enable_progress_bar false
+$py benchmarks/time_to_loss.py "$work/logs/shakespeare_char_gpu" --start "$start" \
+  --end "$(date +%s.%N)" --target 1.47 | tee "$out/time_to_loss.log"
+
+step "CUDA correctness tests"
+run 300 tests.log $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+
+step "GPT-2 124M, batch 32: fit vs plain loop"
+run 240 gpt2_b32.log $py benchmarks/train_throughput.py --config configs/gpt2_124m.toml \
+  --random-data 50257 --set trainer.accumulate_grad_batches 1 --set data.batch_size 32 \
+  --steps 30 --rounds 2 --warmup 10
+
+step "shakespeare_char GPU recipe step: fit vs plain loop"
+run 180 shakespeare_char_gpu_step.log $py benchmarks/train_throughput.py \
+  --config configs/shakespeare_char_gpu.toml --set data.dataset_dir "$work/shakespeare_char" \
+  --steps 150 --rounds 2 --warmup 30
+
+step "sampling: batched KV cache vs naive loop"
+run 120 sample.log $py benchmarks/sample_throughput.py
+
+step "done"
