@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -258,6 +259,32 @@ def describe_os_error(exc: OSError) -> str:
     return f"{text}: {' -> '.join(names)}" if names else text
 
 
+# What gloo raises when a peer process of a distributed run is gone (NCCL raises DistError).
+LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """If a distributed run's collective failed because another of its processes stopped:
+    this process's rank (or "?")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available():
+        return None
+    if dist.is_initialized():
+        rank = str(dist.get_rank())
+    elif os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        rank = os.environ.get("RANK", "?")
+    else:
+        return None  # not a distributed run
+    if isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in LOST_PEER_SIGNS):
+        return rank
+    return None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())  # gloo's "[source.cc:561] " prefix
+    return (text.split(". ")[0].splitlines() or [type(exc).__name__])[0][:200]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -278,6 +305,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ml-playground: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        rank = None if debug else lost_peer(exc)
+        if rank is None:
+            raise
+        # A consequence, not the cause: the process that failed first reports why.
+        print(
+            f"ml-playground: error: rank {rank} lost contact with another process of this "
+            f"distributed run ({_first_sentence(exc)}); that process's own error says why",
+            file=sys.stderr,
+        )
+        return 1
     except SystemExit as exc:
         if type(exc).__name__ != "SIGTERMException":  # Lightning's, raised after saving
             raise

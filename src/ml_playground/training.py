@@ -290,6 +290,28 @@ def _is_launching_process() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
+def stop_started_ranks(trainer: pl.Trainer, exc: BaseException) -> None:
+    """After the launching process failed, end the ranks it started itself.
+
+    Lightning stops them when one of *them* fails, or on Ctrl-C, but not when the launching
+    process fails alone (a checkpoint write on rank 0, say): they would wait in their next
+    collective for a peer that is gone, under NCCL until the process-group timeout. Only rank 0
+    writes, so they have nothing to save; after SIGTERM they get a moment to finish their part
+    of the interrupt checkpoint first.
+    """
+    procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
+    if not procs:
+        return
+    grace = 30.0 if type(exc).__name__ == "SIGTERMException" else 0.0
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # still running: TimeoutExpired
+            proc.kill()
+            proc.wait()
+
+
 def fit(cfg: ExperimentConfig, ckpt_path: str | None = None) -> RunResult:
     """Train (or resume training) as the configuration says."""
     resume = resolve_resume(cfg, ckpt_path)
@@ -299,6 +321,9 @@ def fit(cfg: ExperimentConfig, ckpt_path: str | None = None) -> RunResult:
         lock.acquire()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except BaseException as exc:
+        stop_started_ranks(trainer, exc)
+        raise
     finally:
         lock.release()
     return _result(trainer, checkpoint, cfg)
@@ -308,7 +333,11 @@ def validate(cfg: ExperimentConfig, ckpt_path: str = "best") -> RunResult:
     """Evaluate a checkpoint on the fixed validation windows."""
     path = find_checkpoint(cfg.checkpointing.dirpath, ckpt_path)
     trainer, module, datamodule, checkpoint = build(cfg, path)
-    trainer.validate(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
+    try:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
+    except BaseException as exc:
+        stop_started_ranks(trainer, exc)
+        raise
     return _result(trainer, checkpoint, cfg)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ml_playground.checkpointing import LAST_PATTERN
@@ -120,3 +123,90 @@ def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
         assert proc.returncode == 0, f"{out}\n{err}"
     assert "best val/loss" in outputs[0][0] and "best val/loss" not in outputs[1][0]
     assert "ckpt_last_00000020.pt" in names(tmp_path / "ckpt")
+
+
+def limit_file_size() -> None:
+    """Writes past 60 kB fail (EFBIG): the step-0 checkpoint fits, the step-5 one does not."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains marker (zombies count as gone)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
+
+
+def test_failure_on_rank0_alone_stops_the_ranks_it_started(tmp_path, make_experiment, cli) -> None:
+    """Only rank 0 writes checkpoints; when that fails, rank 1 must not be left waiting in a
+    collective (under NCCL until the process-group timeout), nor print a traceback."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    ckpt = tmp_path / "ckpt-rank0-fails"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *DDP,
+         "--checkpointing.dirpath", str(ckpt)],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=240,
+        preexec_fn=limit_file_size, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 120
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ml-playground:")]
+    assert len(errors) == 1 and "could not write checkpoint" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    time.sleep(1)
+    assert processes_mentioning(str(ckpt)) == []
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_last_00000000.pt"]
+
+
+def test_a_rank_that_loses_its_peer_says_so_in_one_line(tmp_path, make_experiment, cli) -> None:
+    """Processes started separately (torchrun, SLURM): node 0 fails writing a checkpoint; node 1
+    finds its peer gone and says so in one line instead of a traceback."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        env = dict(child_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
+                   LOCAL_RANK="0", WORLD_SIZE="2")  # fmt: skip
+        args = [sys.executable, "-m", "ml_playground", "fit", "--config", str(config),
+                "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+                "--trainer.num_nodes", "2", "--trainer.devices", "1"]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                args,
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=limit_file_size if node == 0 else None,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=240))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    (_, err0), (_, err1) = outputs
+    assert procs[0].returncode == 1 and "could not write checkpoint" in err0, err0
+    assert procs[1].returncode == 1, err1
+    assert "Traceback" not in err1
+    lines = [line for line in err1.splitlines() if line.startswith("ml-playground:")]
+    assert len(lines) == 1 and "rank 1 lost contact with another process" in lines[0], err1
