@@ -4,10 +4,13 @@
 # GPU recipe end to end (time to val/loss <= 1.47), and sampling speed. Run from the repo root:
 #
 #   bash benchmarks/gpu_carry.sh        # here, once: wheels + corpus into .whl/ and .gpu/
-#   bash benchmarks/gpu_check.sh        # there: logs go to $OUT (or ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh        # there: every step; logs go to $OUT (or ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh gpt2 loop loop-eager   # only these steps
 #
-# Each step has its own time limit so one slow step cannot eat the others' time; the most
-# important figures come first. Uses python3 from PATH (PYTHON=... to choose another).
+# Steps, most important first: gpt2 loop loop-eager tests step gpt2-b32 sample. All of them
+# take about 10-12 minutes, more than one 10-minute device call: run the first three, then the
+# rest. Each step has its own time limit so one slow step cannot eat the others' time.
+# Uses python3 from PATH (PYTHON=... to choose another).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
@@ -24,7 +27,12 @@ if [ -d .whl ]; then  # packages the machine lacks (pydantic), carried as wheels
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
-step() { echo; echo "=== $1  ($(date +%T), ${SECONDS}s)"; }
+steps=" $* "
+step() {  # step NAME TITLE: true (and a heading) if NAME was asked for, or no names were given
+  [ "$steps" = "  " ] || [[ "$steps" == *" $1 "* ]] || return 1
+  echo
+  echo "=== $1: $2  ($(date +%T), ${SECONDS}s)"
+}
 run() {  # run LIMIT_SECONDS LOG COMMAND...: output to the console and to $out/LOG
   local limit=$1 log=$2
   shift 2
@@ -33,39 +41,58 @@ run() {  # run LIMIT_SECONDS LOG COMMAND...: output to the console and to $out/L
   [ "$rc" = 0 ] || echo "!!! exit $rc: $*"
 }
 
-step "environment"
+echo "=== environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 $py -c "import sys, torch, lightning, pydantic, numpy; print('python', sys.version.split()[0], \
 '| torch', torch.__version__, '| lightning', lightning.__version__, '| pydantic', \
 pydantic.__version__, '| numpy', numpy.__version__, '|', torch.cuda.get_device_name())" || exit 1
 
-step "GPT-2 124M, batch 12 x 1024, bf16, compile, random tokens: fit vs plain loop"
-run 240 gpt2_b12.log $py benchmarks/train_throughput.py --config configs/gpt2_124m.toml \
-  --random-data 50257 --set trainer.accumulate_grad_batches 1 --steps 60 --rounds 2 --warmup 15
+if step gpt2 "GPT-2 124M, batch 12 x 1024, bf16, compile, random tokens: fit vs plain loop"; then
+  run 240 gpt2_b12.log $py benchmarks/train_throughput.py --config configs/gpt2_124m.toml \
+    --random-data 50257 --set trainer.accumulate_grad_batches 1 --steps 60 --rounds 2 --warmup 15
+fi
 
-step "shakespeare_char GPU recipe, whole loop from a cold start (time to val/loss <= 1.47)"
-start=$(date +%s.%N)
-run 300 shakespeare_char_gpu.log $py -m ml_playground loop \
-  --config configs/shakespeare_char_gpu.toml --prepare.source "$corpus" \
-  --data.dataset_dir "$work/shakespeare_char" --checkpointing.dirpath "$work/ckpt" \
-  --log_dir "$work/logs" --trainer.enable_progress_bar false
-$py benchmarks/time_to_loss.py "$work/logs/shakespeare_char_gpu" --start "$start" \
-  --end "$(date +%s.%N)" --target 1.47 | tee "$out/time_to_loss.log"
+loop() {  # loop NAME FLAGS...: the GPU recipe from a cold start, then its time to val/loss 1.47
+  local name=$1
+  shift
+  local start
+  start=$(date +%s.%N)
+  run 240 "$name.log" $py -m ml_playground loop \
+    --config configs/shakespeare_char_gpu.toml --prepare.source "$corpus" \
+    --data.dataset_dir "$work/shakespeare_char" --checkpointing.dirpath "$work/$name/ckpt" \
+    --log_dir "$work/$name/logs" --trainer.enable_progress_bar false "$@"
+  $py benchmarks/time_to_loss.py "$work/$name/logs/shakespeare_char_gpu" --start "$start" \
+    --end "$(date +%s.%N)" --target 1.47 | tee "$out/$name-time.log"
+}
+if step loop "shakespeare_char GPU recipe, whole loop from a cold start (val/loss <= 1.47)"; then
+  loop loop_compiled
+fi
+if step loop-eager "the same without torch.compile (does compiling pay within a minute?)"; then
+  loop loop_eager --model.compile false
+fi
 
-step "CUDA correctness tests"
-run 300 tests.log $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+if step tests "CUDA correctness tests"; then
+  run 300 tests.log $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+fi
 
-step "GPT-2 124M, batch 32: fit vs plain loop"
-run 240 gpt2_b32.log $py benchmarks/train_throughput.py --config configs/gpt2_124m.toml \
-  --random-data 50257 --set trainer.accumulate_grad_batches 1 --set data.batch_size 32 \
-  --steps 30 --rounds 2 --warmup 10
+if step step "shakespeare_char GPU recipe step: fit vs plain loop (compile, then CUDA graphs)"; then
+  for mode in default reduce-overhead; do
+    run 150 "step_$mode.log" $py benchmarks/train_throughput.py \
+      --config configs/shakespeare_char_gpu.toml --set data.dataset_dir "$work/shakespeare_char" \
+      --set prepare.source "$corpus" --set model.compile_mode "$mode" \
+      --steps 150 --rounds 2 --warmup 30
+  done
+fi
 
-step "shakespeare_char GPU recipe step: fit vs plain loop"
-run 180 shakespeare_char_gpu_step.log $py benchmarks/train_throughput.py \
-  --config configs/shakespeare_char_gpu.toml --set data.dataset_dir "$work/shakespeare_char" \
-  --steps 150 --rounds 2 --warmup 30
+if step gpt2-b32 "GPT-2 124M, batch 32: fit vs plain loop"; then
+  run 240 gpt2_b32.log $py benchmarks/train_throughput.py --config configs/gpt2_124m.toml \
+    --random-data 50257 --set trainer.accumulate_grad_batches 1 --set data.batch_size 32 \
+    --steps 30 --rounds 2 --warmup 10
+fi
 
-step "sampling: batched KV cache vs naive loop"
-run 120 sample.log $py benchmarks/sample_throughput.py
+if step sample "sampling: batched KV cache vs naive loop"; then
+  run 120 sample.log $py benchmarks/sample_throughput.py
+fi
 
-step "done"
+echo
+echo "=== done (${SECONDS}s)"

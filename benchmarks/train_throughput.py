@@ -12,8 +12,10 @@ warm-up, tokens per second, and the ratio fit / plain.
         --random-data 50257 --set trainer.accumulate_grad_batches 1 --steps 60 --rounds 2
 
 Checkpoints and validation are switched off in both, so the figure is the training step alone.
-A step is one optimizer step (all its accumulated micro-batches). On a GPU whose peak is in
-ml_playground/hardware.py the MFU of each is printed too.
+A step is one optimizer step (all its accumulated micro-batches). On a CPU each step is timed
+and the median reported. On a GPU the host is synchronised only where the measured window
+starts and ends, as in a real run (which syncs only on logging steps), and the window's mean
+is reported; where the GPU's peak is in ml_playground/hardware.py, the MFU too.
 """
 
 from __future__ import annotations
@@ -43,10 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
+def stamp(step: int, warmup: int, steps: int, device: torch.device) -> float:
+    """The time after optimizer step `step` (1-based); on a GPU, exact at the window's ends."""
+    if device.type == "cuda" and step in (warmup, steps):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class StepTimer(pl.Callback):
     """A time stamp after every optimizer step (not every micro-batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
         self.times: list[float] = []
         self._step = 0
 
@@ -54,9 +64,8 @@ class StepTimer(pl.Callback):
         if trainer.global_step == self._step:
             return  # a micro-batch inside gradient accumulation
         self._step = trainer.global_step
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        device = trainer.strategy.root_device
+        self.times.append(stamp(self._step, self.warmup, self.steps, device))
 
 
 def write_random_data(folder: Path, vocab_size: int, tokens: int = 1 << 24) -> None:
@@ -85,19 +94,22 @@ def ensure_data(cfg: ExperimentConfig) -> None:
     )
 
 
-def step_durations(stamps: list[float], warmup: int) -> list[float]:
-    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False)]
+def step_ms(stamps: list[float], warmup: int, on_gpu: bool) -> list[float]:
+    """Per-step times after warm-up (CPU), or the window's mean once per step (GPU)."""
+    if on_gpu:
+        return [1000 * (stamps[-1] - stamps[warmup - 1]) / (len(stamps) - warmup)]
+    return [1000 * (b - a) for a, b in zip(stamps[warmup - 1 :], stamps[warmup:], strict=False)]
 
 
-def run_fit(cfg: ExperimentConfig, steps: int) -> list[float]:
+def run_fit(cfg: ExperimentConfig, steps: int, warmup: int) -> list[float]:
     trainer, module, datamodule, _ = build(cfg, None)
-    timer = StepTimer()
+    timer = StepTimer(warmup, steps)
     trainer.callbacks.append(timer)  # type: ignore[attr-defined]
     trainer.fit(module, datamodule=datamodule)
     return timer.times
 
 
-def run_plain(cfg: ExperimentConfig, steps: int) -> list[float]:
+def run_plain(cfg: ExperimentConfig, steps: int, warmup: int) -> list[float]:
     """What a user would write by hand: the same pieces, no framework."""
     pl.seed_everything(cfg.seed_everything, verbose=False)
     accelerator = cfg.trainer.get("accelerator", "auto")
@@ -109,7 +121,7 @@ def run_plain(cfg: ExperimentConfig, steps: int) -> list[float]:
     module = GPTLightningModule(cfg.model, data.vocab_size, cfg.data.batch_size)
     model = module.model.to(device)
     if cfg.model.compile:
-        model.compile()
+        model.compile(mode=cfg.model.compile_mode)
     m = cfg.model
     optimizer = torch.optim.AdamW(
         model.configure_param_groups(m.weight_decay),
@@ -144,7 +156,7 @@ def run_plain(cfg: ExperimentConfig, steps: int) -> list[float]:
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     model.train()
     stamps = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         for _ in range(accumulate):
             x, y = next(stream)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -156,9 +168,7 @@ def run_plain(cfg: ExperimentConfig, steps: int) -> list[float]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        stamps.append(stamp(step, warmup, steps, device))
     return stamps
 
 
@@ -176,6 +186,8 @@ def main() -> None:
         help="train on random token ids of this vocabulary (e.g. 50257) instead of the corpus",
     )
     args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        parser.error("--warmup must be at least 1 and below --steps")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_data:
@@ -194,15 +206,15 @@ def main() -> None:
         ]
         cfg = load_config([args.config], flags)
         ensure_data(cfg)
+        on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu"
         fit_ms: list[float] = []
         plain_ms: list[float] = []
         for _ in range(args.rounds):
-            fit_ms += [1000 * d for d in step_durations(run_fit(cfg, args.steps), args.warmup)]
-            plain_ms += [1000 * d for d in step_durations(run_plain(cfg, args.steps), args.warmup)]
+            fit_ms += step_ms(run_fit(cfg, args.steps, args.warmup), args.warmup, on_gpu)
+            plain_ms += step_ms(run_plain(cfg, args.steps, args.warmup), args.warmup, on_gpu)
     tokens = (
         cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
     )
-    on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu"
     device = torch.device("cuda" if on_gpu else "cpu")
     peak, device_name = peak_flops(device, str(cfg.trainer.get("precision", "32-true")))
     vocab = (
@@ -216,12 +228,16 @@ def main() -> None:
         f"config: {args.config.name}  device: {device_name}  threads: {torch.get_num_threads()}"
         f"  tokens/step: {tokens}  torch {torch.__version__}"
     )
-    print(f"{'':8} {'median ms/step':>15} {'tokens/s':>10} {'MFU':>6}")
+    if args.set:
+        print("settings: " + "  ".join(f"{key}={value}" for key, value in args.set))
+    how = "median over rounds of each window's mean" if on_gpu else "median over steps"
+    print(f"ms/step: {how}; {args.rounds} rounds of {args.steps} steps, {args.warmup} warm-up")
+    print(f"{'':8} {'ms/step':>10} {'tokens/s':>10} {'MFU':>6}")
     for name, values in (("fit", fit_ms), ("plain", plain_ms)):
         median = statistics.median(values)
         rate = tokens / median * 1000
         mfu = f"{flops_per_token * rate / peak:6.1%}" if peak else f"{'-':>6}"
-        print(f"{name:8} {median:15.2f} {rate:10.0f} {mfu}")
+        print(f"{name:8} {median:10.2f} {rate:10.0f} {mfu}")
     print(f"ratio fit/plain: {statistics.median(fit_ms) / statistics.median(plain_ms):.3f}")
 
 

@@ -104,3 +104,16 @@ def test_cli_fit_resume_sample_bf16_compiled(tmp_path: Path, make_experiment, cl
     if any(gpu_name in name for gpu_name in ("H100", "H200", "A100")):
         mfu = [event.value for event in events.Scalars("perf/mfu")]
         assert mfu and all(0.0 < value < 1.0 for value in mfu)
+
+
+def test_cli_fit_with_cuda_graphs(tmp_path: Path, make_experiment, cli) -> None:
+    """compile_mode reduce-overhead (CUDA graphs) trains, validates and checkpoints."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    result = cli(
+        "fit", "--config", config, "--trainer.accelerator", "gpu",
+        "--trainer.precision", "bf16-mixed", "--model.compile", "true",
+        "--model.compile_mode", "reduce-overhead", cwd=tmp_path,
+    )  # fmt: skip
+    assert "best val/loss" in result.stdout
+    assert (tmp_path / "ckpt" / "ckpt_last_00000020.pt").is_file()

@@ -124,6 +124,13 @@ class ModelConfig(Section):
     beta1: float = Field(description="AdamW beta1", gt=0.0, lt=1.0)
     beta2: float = Field(description="AdamW beta2", gt=0.0, lt=1.0)
     compile: bool = Field(description="wrap the model in torch.compile")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field(
+        description="torch.compile's mode when compile is true: reduce-overhead adds CUDA graphs "
+        "(fewer kernel launches, for small models on a GPU), max-autotune searches for faster "
+        "kernels (minutes of compilation)"
+    )
     ema_decay: float = Field(
         description="keep an exponential moving average of the weights with this decay "
         "(e.g. 0.999); validation, best checkpoints and sampling then use it; 0 disables",

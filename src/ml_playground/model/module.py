@@ -77,7 +77,7 @@ class GPTLightningModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.config.compile and not getattr(self, "_compiled", False):
             # Module.compile keeps parameter names (no `_orig_mod.` prefix in checkpoints).
-            self.model.compile()
+            self.model.compile(mode=self.config.compile_mode)
             self._compiled = True
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
