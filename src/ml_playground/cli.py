@@ -228,14 +228,30 @@ def _usage() -> str:
     return (
         "usage: ml-playground COMMAND --config FILE [--section.key VALUE ...]\n\n"
         f"commands:\n{rows}\n\n"
-        "Run `ml-playground COMMAND --help` for the options and settings."
+        "Run `ml-playground COMMAND --help` for the options and settings; "
+        "`ml-playground --version` for the versions."
     )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ml-playground {of('ml-playground')} (torch {of('torch')}, lightning {of('lightning')})"
 
 
 def run(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(_version())
+        return 0
     command, rest = argv[0], list(argv[1:])
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")

@@ -606,6 +606,11 @@ def test_train_is_fit(jobs: Jobs) -> None:
 # --------------------------------------------------------------------------- help
 
 
+def test_version(run_cli) -> None:
+    out = run_cli("--version").stdout
+    assert re.fullmatch(r"ml-playground \S+ \(torch \S+, lightning \S+\)\n", out), out
+
+
 def test_help_lists_commands_and_settings(run_cli) -> None:
     top = run_cli("--help")
     for command in ("prepare", "fit", "train", "validate", "sample", "loop"):
