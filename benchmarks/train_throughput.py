@@ -37,7 +37,12 @@ from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule, RandomWindows
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT
-from ml_playground.model.module import GPTLightningModule, WarmupCosine, gpt_config
+from ml_playground.model.module import (
+    GPTLightningModule,
+    WarmupCosine,
+    compile_gpt,
+    gpt_config,
+)
 from ml_playground.prepare import artifacts_ready, run_prepare, write_bin_and_meta
 from ml_playground.training import build
 
@@ -121,7 +126,7 @@ def run_plain(cfg: ExperimentConfig, steps: int, warmup: int) -> list[float]:
     module = GPTLightningModule(cfg.model, data.vocab_size, cfg.data.batch_size)
     model = module.model.to(device)
     if cfg.model.compile:
-        model.compile(mode=cfg.model.compile_mode)
+        compile_gpt(model, cfg.model)
     m = cfg.model
     optimizer = torch.optim.AdamW(
         model.configure_param_groups(m.weight_decay),

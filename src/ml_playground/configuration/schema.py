@@ -131,6 +131,10 @@ class ModelConfig(Section):
         "(fewer kernel launches, for small models on a GPU), max-autotune searches for faster "
         "kernels (minutes of compilation)"
     )
+    compile_scope: Literal["model", "blocks"] = Field(
+        description="what torch.compile wraps: the whole model, or each transformer block on "
+        "its own (identical blocks share one compilation: a faster start, about the same speed)"
+    )
     ema_decay: float = Field(
         description="keep an exponential moving average of the weights with this decay "
         "(e.g. 0.999); validation, best checkpoints and sampling then use it; 0 disables",

@@ -43,6 +43,16 @@ def _log_interval(trainer: pl.Trainer) -> int:
     return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
 
+def compile_gpt(model: GPT, config: ModelConfig) -> None:
+    """torch.compile as `config` says. nn.Module.compile keeps the parameter names (no
+    `_orig_mod.` prefix in checkpoints)."""
+    if config.compile_scope == "blocks":
+        for block in model.transformer.h:
+            block.compile(mode=config.compile_mode)
+    else:
+        model.compile(mode=config.compile_mode)
+
+
 def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
     multiple = model.vocab_multiple_of
     return GPTConfig(
@@ -76,8 +86,7 @@ class GPTLightningModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.config.compile and not getattr(self, "_compiled", False):
-            # Module.compile keeps parameter names (no `_orig_mod.` prefix in checkpoints).
-            self.model.compile(mode=self.config.compile_mode)
+            compile_gpt(self.model, self.config)
             self._compiled = True
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
