@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh        # there: every step; logs go to $OUT (or ./gpu_check_out)
 #   bash benchmarks/gpu_check.sh gpt2 loop loop-eager   # only these steps
 #
-# Steps, most important first: gpt2 loop loop-eager tests step gpt2-b32 sample. All of them
+# Steps, most important first: gpt2 loop loop-eager tests step compile gpt2-b32 sample. All of them
 # take about 10-12 minutes, more than one 10-minute device call: run the first three, then the
 # rest. Each step has its own time limit so one slow step cannot eat the others' time.
 # Uses python3 from PATH (PYTHON=... to choose another).
@@ -82,6 +82,10 @@ if step step "shakespeare_char GPU recipe step: fit vs plain loop (compile, then
       --set prepare.source "$corpus" --set model.compile_mode "$mode" \
       --steps 150 --rounds 2 --warmup 30
   done
+fi
+
+if step compile "torch.compile start-up, GPU recipe's model: whole model vs each block"; then
+  run 240 compile_time.log $py benchmarks/compile_time.py --batch 64 --bf16
 fi
 
 if step gpt2-b32 "GPT-2 124M, batch 32: fit vs plain loop"; then
