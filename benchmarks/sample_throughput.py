@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ml_playground.checkpointing import load_checkpoint
+from ml_playground.checkpoint_files import load_checkpoint
 from ml_playground.configuration import load_config
 from ml_playground.model.gpt import GPT, GPTConfig
 from ml_playground.model.module import gpt_config

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_playground.checkpointing import (
+from ml_playground.checkpoint_files import (
     FORMAT_VERSION,
     SECTION,
-    AtomicCheckpointIO,
     best_name,
     check_compatible,
     find_checkpoint,
     last_name,
     load_checkpoint,
 )
+from ml_playground.checkpointing import AtomicCheckpointIO
 from ml_playground.configuration import load_config
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.errors import CheckpointError

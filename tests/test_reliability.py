@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from ml_playground import cli
-from ml_playground.checkpointing import AtomicCheckpointIO, GPTCheckpoint, last_name
+from ml_playground.checkpoint_files import last_name
+from ml_playground.checkpointing import AtomicCheckpointIO, GPTCheckpoint
 from ml_playground.errors import CheckpointError, DataError, TrainingError
 from ml_playground.training import LOCK_FILENAME, FolderLock
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ml_playground.checkpointing import RetentionWindows, best_name, last_name
+from ml_playground.checkpoint_files import best_name, last_name
+from ml_playground.checkpointing import RetentionWindows
 
 # An event is ("last", step) or ("val", step, metric value); steps only grow, as in training.
 events = st.lists(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ml_playground.checkpointing import (
+from ml_playground.checkpoint_files import (
     SECTION,
     find_checkpoint,
     is_nanogpt_checkpoint,

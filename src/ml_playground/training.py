@@ -16,15 +16,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 
-from ml_playground.checkpointing import (
-    AtomicCheckpointIO,
-    CheckpointExtras,
-    GPTCheckpoint,
+from ml_playground.checkpoint_files import (
     check_compatible,
     find_checkpoint,
     load_checkpoint,
     managed_files,
 )
+from ml_playground.checkpointing import AtomicCheckpointIO, CheckpointExtras, GPTCheckpoint
 from ml_playground.configuration.loading import dump_toml
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ml_playground.checkpointing import LAST_PATTERN
+from ml_playground.checkpoint_files import LAST_PATTERN
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 

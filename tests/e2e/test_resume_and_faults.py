@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ml_playground.checkpointing import LAST_PATTERN
+from ml_playground.checkpoint_files import LAST_PATTERN
 
 RESUME_FLAGS = (
     "--model.dropout", "0.1",  # exercises the restored RNG state too

@@ -6,10 +6,6 @@ merges under every experiment file, so every field below is required once merged
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +13,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
+
+from ml_playground.configuration.trainer_args import accepts, trainer_signature
 
 # Trainer arguments the project builds itself: a user value would silently fight ours.
 MANAGED_TRAINER_KEYS = {
@@ -216,23 +212,25 @@ class ExperimentConfig(Section):
     @field_validator("trainer")
     @classmethod
     def _check_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
-        adapters = _trainer_adapters()
+        signature = {
+            name: entry
+            for name, entry in trainer_signature().items()
+            if name not in MANAGED_TRAINER_KEYS
+        }
         value = {key: None if item == NULL else item for key, item in value.items()}
         for key, item in value.items():
             if key in MANAGED_TRAINER_KEYS:
                 raise ValueError(f"trainer.{key} cannot be set: {MANAGED_TRAINER_KEYS[key]}")
-            if key not in adapters:
+            if key not in signature:
                 raise ValueError(
                     f"trainer.{key} is not an argument of lightning.Trainer "
-                    f"(valid: {', '.join(sorted(adapters))})"
+                    f"(valid: {', '.join(sorted(signature))})"
                 )
-            try:
-                adapters[key].validate_python(item)
-            except ValidationError:
+            tree, text = signature[key]
+            if not accepts(tree, item):
                 raise ValueError(
-                    f"trainer.{key} = {item!r} does not fit lightning.Trainer's type "
-                    f"{_describe_type(key)}"
-                ) from None
+                    f"trainer.{key} = {item!r} does not fit lightning.Trainer's type {text}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -248,23 +246,3 @@ class ExperimentConfig(Section):
     def runtime(self) -> ExperimentConfig:
         """The runtime part (trainer, checkpointing, logging) as the seed note names it."""
         return self
-
-
-@functools.cache
-def _trainer_adapters() -> dict[str, TypeAdapter[Any]]:
-    from lightning.pytorch import Trainer
-
-    hints = typing.get_type_hints(Trainer.__init__)
-    config = ConfigDict(arbitrary_types_allowed=True, strict=True)
-    return {
-        name: TypeAdapter(hints.get(name, Any), config=config)
-        for name in inspect.signature(Trainer.__init__).parameters
-        if name != "self" and name not in MANAGED_TRAINER_KEYS
-    }
-
-
-def _describe_type(key: str) -> str:
-    from lightning.pytorch import Trainer
-
-    hint = typing.get_type_hints(Trainer.__init__).get(key, Any)
-    return re.sub(r"\b(typing|collections\.abc|datetime|lightning\.[\w.]+)\.", "", str(hint))

@@ -1,0 +1,135 @@
+"""Checkpoint files without Lightning: names, finding `last` / `best`, safe reading and
+validation. `sample` needs only these, so it starts without importing Lightning; the
+Lightning callback that writes checkpoints lives in `checkpointing.py`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ml_playground.errors import CheckpointError
+
+FORMAT_VERSION = 1
+SECTION = "ml_playground"  # the project's own part of a Lightning checkpoint
+REQUIRED_KEYS = ("state_dict", "global_step", SECTION)
+SECTION_KEYS = ("format_version", "model_args", "config_toml", "meta")
+NANOGPT_KEYS = ("model", "model_args", "iter_num", "config")
+
+LAST_PATTERN = re.compile(r"^ckpt_last_(\d{8})\.pt$")
+BEST_PATTERN = re.compile(r"^ckpt_best_(\d{8})_.*\.pt$")
+TMP_PATTERN = re.compile(r"^\.ckpt_(last|best)_.*\.tmp-\d+$")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_name(step: int) -> str:
+    return f"ckpt_last_{step:08d}.pt"
+
+
+def best_name(step: int, metric: str, value: float) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
+    return f"ckpt_best_{step:08d}_{slug}={value:.4f}.pt"
+
+
+def managed_files(dirpath: Path, kind: str) -> list[Path]:
+    """This kind's checkpoint files in the folder, oldest step first."""
+    pattern = LAST_PATTERN if kind == "last" else BEST_PATTERN
+    if not dirpath.is_dir():
+        return []
+    found = [p for p in dirpath.iterdir() if pattern.match(p.name)]
+    return sorted(found, key=lambda p: (int(p.name.split("_")[2][:8]), p.name))
+
+
+def find_checkpoint(dirpath: Path, which: str) -> Path:
+    """Resolve `last` / `best` to the file with the highest step, or check a given file."""
+    if which in ("last", "best"):
+        files = managed_files(dirpath, which)
+        if not files:
+            raise CheckpointError(
+                f"{dirpath}: no ckpt_{which}_* checkpoint found; train first with "
+                f"`ml-playground fit --config ...`" + (" or use `last`" if which == "best" else "")
+            )
+        return files[-1]
+    path = Path(which)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Unpickle a checkpoint file safely (weights_only=True); no validation beyond a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a pickle, disallowed global, ...
+        text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+        found = _UNSAFE_GLOBAL.search(text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refusing to load: it references {found.group(1)}, which no checkpoint "
+                "needs (read with weights_only=True, so nothing in it ran); use a checkpoint "
+                "from a source you trust"
+            ) from None
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or not a checkpoint: {reason[:120]}); "
+            "use another ckpt_last_* / ckpt_best_* file"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not an ml-playground checkpoint (not a dict)")
+    return checkpoint
+
+
+def is_nanogpt_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """A `ckpt.pt` written by nanoGPT's train.py."""
+    return all(key in checkpoint for key in NANOGPT_KEYS) and SECTION not in checkpoint
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely and check it is one of ours, of a known version."""
+    checkpoint = read_checkpoint(path)
+    if is_nanogpt_checkpoint(checkpoint):
+        raise CheckpointError(
+            f"{path}: a nanoGPT checkpoint; `sample --sample.ckpt {path}` can sample from it, "
+            "but fit cannot resume it"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not an ml-playground checkpoint (missing {', '.join(missing)})"
+        )
+    section = checkpoint[SECTION]
+    version = section.get("format_version") if isinstance(section, dict) else None
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: checkpoint has no format version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this ml-playground supports "
+            f"({FORMAT_VERSION}); upgrade ml-playground"
+        )
+    missing = [key for key in SECTION_KEYS if key not in section]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def check_compatible(path: Path, checkpoint: dict[str, Any], model_args: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose model shape or vocabulary differs from the run's."""
+    stored = checkpoint[SECTION]["model_args"]
+    if stored.get("vocab_size") != model_args.get("vocab_size"):
+        raise CheckpointError(
+            f"{path}: vocabulary of {stored.get('vocab_size')} tokens, but this run's dataset "
+            f"(meta.pkl) gives {model_args.get('vocab_size')}; resume with the dataset it was "
+            "trained on"
+        )
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+        if stored.get(key) != model_args.get(key):
+            raise CheckpointError(
+                f"{path}: model.{key} is {stored.get(key)!r} in the checkpoint but "
+                f"{model_args.get(key)!r} in the config; use the checkpoint's model settings"
+            )
