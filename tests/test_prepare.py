@@ -330,3 +330,17 @@ def test_prepare_real_tinyshakespeare_gpt2(tmp_path: Path, monkeypatch: pytest.M
     did, meta = run_prepare(SHAKESPEARE, None, "tiktoken:gpt2", 0.1, tmp_path)
     assert did and meta["vocab_size"] == 50257 and meta["eot_token"] == 50256
     assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)  # nanoGPT's counts
+
+
+def test_failed_forced_prepare_leaves_the_earlier_artifacts_whole(tmp_path: Path) -> None:
+    """`prepare --force` on a bad corpus fails before touching the prepared folder: meta.pkl
+    stays (without it the folder would read as nanoGPT's GPT-2 layout)."""
+    source = _write_corpus(tmp_path, "abcdefghij" * 20)
+    out = tmp_path / "ds"
+    _, meta = run_prepare(str(source), None, "char", 0.1, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    source.write_text("ab", encoding="utf-8")
+    with pytest.raises(DataError, match="too short"):
+        run_prepare(str(source), None, "char", 0.1, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert read_meta(out / "meta.pkl") == meta

@@ -230,13 +230,15 @@ def test_char_tokenizer_folder_and_utf8_errors(tmp_path: Path) -> None:
 
 def test_artifact_writer_leaves_nothing_behind_on_error(tmp_path: Path) -> None:
     write_bin_and_meta(tmp_path, np.arange(10), np.arange(5), {"vocab_size": 10})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with (
         pytest.raises(DataError, match="outside the vocabulary"),
         ArtifactWriter(tmp_path, 10) as w,
     ):
         w.train.write(np.arange(5))
         w.val.write(np.array([3, 12]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "val.bin"]  # meta gone
+    # The failed write left the earlier artifacts exactly as they were, meta.pkl included.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     with ArtifactWriter(tmp_path, 10) as w:
         w.train.write(np.arange(6))
         w.val.write([1, 2])

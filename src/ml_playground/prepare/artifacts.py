@@ -170,8 +170,6 @@ class ArtifactWriter:
 
     def __enter__(self) -> ArtifactWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # Drop the "complete" marker first so a crash never pairs old meta with new bins.
-        (self.out_dir / META_FILE).unlink(missing_ok=True)
         self.train = TokenFile(self.out_dir / TRAIN_FILE, "train", self.dtype, self.vocab_size)
         self._files.append(self.train)
         self.val = TokenFile(self.out_dir / VAL_FILE, "val", self.dtype, self.vocab_size)
@@ -206,6 +204,11 @@ class ArtifactWriter:
         payload = _plain_payload(full, self.out_dir)
         for f in self._files:
             f.finish()
+        # Every check passed and the new tokens are on disk: only now drop the old "complete"
+        # marker, so a crash between the renames never pairs old meta with new bins, and a
+        # failure before this point leaves the earlier artifacts as they were.
+        (self.out_dir / META_FILE).unlink(missing_ok=True)
+        _fsync_dir(self.out_dir)
         for f in self._files:
             os.replace(f.tmp, f.path)
         _fsync_dir(self.out_dir)
