@@ -245,7 +245,12 @@ class GPTCheckpoint(ModelCheckpoint):
             self._pending_last = step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The stream is endless: the epoch ends only when training stops (max_steps, early
+        # stopping). Write the final `last` here, not in on_train_end: by then EMA has copied
+        # the averaged weights into the model, and the file would lose the raw ones.
         self._flush_last(trainer)
+        if self.last_saved_step != trainer.global_step:
+            self._save_last(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

@@ -206,3 +206,50 @@ def test_compiled_training_matches_eager_and_checkpoints_alike(
     if scope == "blocks":  # resuming compiles again: once is enough for the suite's time
         cli("fit", "--config", compiled, *flags, "--ckpt_path", "last", cwd=tmp_path)
         assert (compiled.parent / "ckpt" / "ckpt_last_00000020.pt").is_file()
+
+
+EMA = ("--model.ema_decay", "0.9", "--checkpointing.every_n_steps", "5")
+
+
+def test_ema_checkpoints_keep_raw_weights_and_resume_exactly(
+    tmp_path: Path, make_experiment, cli
+) -> None:
+    """With EMA, every `last` holds the averaged weights as state_dict and the raw ones as
+    current_model_state, the final one too (max_steps 7 is not a multiple of every_n_steps 5),
+    and resuming goes on from the raw weights exactly."""
+    straight = make_experiment(tmp_path / "straight")
+    split = make_experiment(tmp_path / "split")
+    for config in (straight, split):
+        cli("prepare", "--config", config, cwd=config.parent)
+    cli("fit", "--config", straight, *EMA, "--trainer.max_steps", "10", cwd=tmp_path)
+    cli("fit", "--config", split, *EMA, "--trainer.max_steps", "7", cwd=tmp_path)
+    final = torch.load(split.parent / "ckpt" / "ckpt_last_00000007.pt", weights_only=True)
+    raw, averaged = final["current_model_state"], final["state_dict"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
+    cli("fit", "--config", split, *EMA, "--trainer.max_steps", "10", "--ckpt_path", "last",
+        cwd=tmp_path)  # fmt: skip
+
+    a = torch.load(straight.parent / "ckpt" / "ckpt_last_00000010.pt", weights_only=True)
+    b = torch.load(split.parent / "ckpt" / "ckpt_last_00000010.pt", weights_only=True)
+    for part in ("current_model_state", "state_dict"):
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_ema_checkpoint_resumed_without_ema_goes_on_from_the_raw_weights(
+    tmp_path: Path, make_experiment, cli
+) -> None:
+    """EMA does not change the raw weights' path: resumed with EMA off, training must follow
+    the same raw weights as a resume with EMA on (not restart from the average)."""
+    with_ema = make_experiment(tmp_path / "with_ema")
+    without = make_experiment(tmp_path / "without")
+    for config in (with_ema, without):
+        cli("prepare", "--config", config, cwd=config.parent)
+        cli("fit", "--config", config, *EMA, "--trainer.max_steps", "5", cwd=tmp_path)
+    resume = ("--trainer.max_steps", "8", "--ckpt_path", "last")
+    cli("fit", "--config", with_ema, *EMA, *resume, cwd=tmp_path)
+    cli("fit", "--config", without, "--checkpointing.every_n_steps", "5", *resume, cwd=tmp_path)
+    a = torch.load(with_ema.parent / "ckpt" / "ckpt_last_00000008.pt", weights_only=True)
+    b = weights(without.parent / "ckpt" / "ckpt_last_00000008.pt")
+    for key in b:
+        torch.testing.assert_close(b[key], a["current_model_state"][key], rtol=0, atol=1e-6)

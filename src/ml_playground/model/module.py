@@ -140,6 +140,13 @@ class GPTLightningModule(pl.LightningModule):
         self._val_losses.clear()
         self._mark = None  # validation time is not training throughput
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning loads `state_dict`. A checkpoint written with EMA on holds the
+        # averaged weights there and the raw ones in `current_model_state`; with EMA off now,
+        # training must go on from the raw weights (with EMA on, its callback handles this).
+        if self.config.ema_decay == 0 and "current_model_state" in checkpoint:
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
+
     def configure_optimizers(self) -> Any:
         cfg = self.config
         fused = self.device.type == "cuda"
