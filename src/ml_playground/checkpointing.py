@@ -261,7 +261,9 @@ class GPTCheckpoint(ModelCheckpoint):
                 f"checkpointing.metric = {self.monitor!r} was not logged; choose one of "
                 f"{', '.join(sorted(metrics))}"
             )
-        value = float(metrics[self.monitor])
+        # Every rank must take the same decision: writing is collective. val/loss is synced
+        # across ranks, but a metric such as train/loss is each rank's own: use rank 0's.
+        value = float(trainer.strategy.broadcast(float(metrics[self.monitor]), src=0))
         if self.windows.improved(value):
             self.best_model_score = torch.tensor(value)
         path = self.windows.offer_best(

@@ -210,3 +210,15 @@ def test_a_rank_that_loses_its_peer_says_so_in_one_line(tmp_path, make_experimen
     assert "Traceback" not in err1
     lines = [line for line in err1.splitlines() if line.startswith("ml-playground:")]
     assert len(lines) == 1 and "rank 1 lost contact with another process" in lines[0], err1
+
+
+def test_ddp_with_an_unsynced_metric_decides_best_on_rank0(tmp_path, make_experiment, cli) -> None:
+    """train/loss differs per rank; if ranks decided "improved" on their own values, only some
+    would enter the collective checkpoint write and the run would hang."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    cli("fit", "--config", config, *DDP, "--checkpointing.metric", "train/loss",
+        "--checkpointing.keep.best", "20", "--trainer.max_steps", "12",
+        "--trainer.val_check_interval", "1", cwd=tmp_path)  # fmt: skip
+    best = [n for n in names(tmp_path / "ckpt") if n.startswith("ckpt_best")]
+    assert best and all("train_loss=" in n for n in best)
