@@ -33,8 +33,10 @@ def take(dm: GPTDataModule, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def same(a: list, b: list) -> bool:
+    """Equal lists of batches (tuples of tensors: inputs, targets and, for validation, indices)."""
     return len(a) == len(b) and all(
-        torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True)
+        len(p) == len(q) and all(torch.equal(u, v) for u, v in zip(p, q, strict=True))
+        for p, q in zip(a, b, strict=True)
     )
 
 
@@ -97,8 +99,9 @@ def test_validation_windows_are_fixed(dataset: Path) -> None:
     dm, other = datamodule(dataset), datamodule(dataset, seed=99)
     batches = list(dm.val_dataloader())
     assert len(batches) == VAL_BATCHES
-    for x, y in batches:
+    for x, y, index in batches:
         assert x.shape == y.shape == (BATCH, BLOCK)
+        assert index.shape == (BATCH,)
         assert torch.equal(x[:, 1:], y[:, :-1])
     assert same(batches, list(dm.val_dataloader()))  # every evaluation sees the same windows
     assert same(batches, list(other.val_dataloader()))  # whatever the seed, in any run
@@ -146,6 +149,6 @@ def test_split_of_exactly_one_window_works(tmp_path: Path) -> None:
     x, y = take(dm, 1)[0]
     assert (x == torch.from_numpy(train[:BLOCK])).all(dim=1).all()
     assert (y == torch.from_numpy(train[1:])).all(dim=1).all()
-    for vx, vy in dm.val_dataloader():
+    for vx, vy, _ in dm.val_dataloader():
         assert (vx == torch.from_numpy(val[:BLOCK])).all()
         assert (vy == torch.from_numpy(val[1:])).all()

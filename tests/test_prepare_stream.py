@@ -275,7 +275,7 @@ def test_data_module_reads_a_fake_uint32_vocabulary(tmp_path: Path) -> None:
     meta = write_bin_and_meta(tmp_path, train, val, {"vocab_size": 70_000})
     assert meta["dtype"] == "uint32"
     dm = GPTDataModule(tmp_path, batch_size=2, block_size=4, val_batches=1, seed=0)
-    x, y = next(iter(dm.val_dataloader()))
+    x, y, _ = next(iter(dm.val_dataloader()))
     assert set(x.flatten().tolist()) | set(y.flatten().tolist()) == {69_997, 2}
     x, _ = next(iter(dm.train_dataloader()))
     assert set(x.flatten().tolist()) <= {69_999, 65_536, 1, 69_998}

@@ -95,11 +95,13 @@ class FixedWindows(Dataset):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Inputs, targets and the window's index (under DDP the sampler pads the last share
+        with repeated windows; the index lets the loss count each window once)."""
         if self._tokens is None:  # opened lazily so the dataset pickles cheaply to workers
             self._tokens = load_tokens(self.path, self.dtype)
         x, y = windows(self._tokens, self.starts[i : i + 1], self.block_size)
-        return x[0], y[0]
+        return x[0], y[0], i
 
 
 class GPTDataModule(pl.LightningDataModule):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import socket
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from ml_playground.checkpoint_files import LAST_PATTERN
 
@@ -222,3 +225,23 @@ def test_ddp_with_an_unsynced_metric_decides_best_on_rank0(tmp_path, make_experi
         "--trainer.val_check_interval", "1", cwd=tmp_path)  # fmt: skip
     best = [n for n in names(tmp_path / "ckpt") if n.startswith("ckpt_best")]
     assert best and all("train_loss=" in n for n in best)
+
+
+@pytest.mark.parametrize("batch_size", ["4", "3"])  # 12 windows: 6 per rank; 9: padded to 10
+def test_val_loss_does_not_depend_on_the_number_of_processes(
+    tmp_path: Path, make_experiment, cli, batch_size: str
+) -> None:
+    """Every fixed window counts once: partial last batches and DistributedSampler's padding
+    must not change val/loss."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    cli("fit", "--config", config, "--trainer.max_steps", "5", cwd=tmp_path)
+    shape = ("--data.batch_size", batch_size, "--data.val_batches", "3")
+    values = []
+    for flags in ((), DDP):
+        out = cli("validate", "--config", config, *shape, *flags, "--ckpt_path", "last",
+                  cwd=tmp_path).stdout  # fmt: skip
+        found = re.search(r"^val/loss: (\d+\.\d+)$", out, re.M)
+        assert found, out
+        values.append(float(found.group(1)))
+    assert abs(values[0] - values[1]) <= 1e-4  # printed to 4 decimals

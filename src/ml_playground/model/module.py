@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
 from ml_playground.configuration.schema import ModelConfig
 from ml_playground.errors import TrainingError
@@ -121,23 +122,38 @@ class GPTLightningModule(pl.LightningModule):
                 "the last good checkpoint with --ckpt_path last"
             )
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        _, loss = self.model(x, y)
-        self._val_losses.append(loss.detach())
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> None:
+        x, y, index = batch
+        logits, _ = self.model(x, y)
+        # One loss per window (each has block_size targets, so their mean is the token mean).
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1), reduction="none")
+        self._val_losses.append(losses.view(y.shape).mean(dim=1))
+        self._val_index.append(index)
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
 
     def on_validation_epoch_end(self) -> None:
-        # Every rank holds an equal share of the fixed windows: the mean of means is exact.
-        local = torch.stack(self._val_losses).float().mean()
-        gathered = self.all_gather(local)
-        assert isinstance(gathered, torch.Tensor)
-        loss = gathered.float().mean()
+        # The mean over every fixed window exactly once, whatever the number of ranks: gather
+        # (index, loss) from all ranks and drop the windows DistributedSampler repeated as
+        # padding. Every rank holds the same number of windows, so all_gather's shapes agree.
+        losses = self.all_gather(torch.cat(self._val_losses))
+        index = self.all_gather(torch.cat(self._val_index))
+        assert isinstance(losses, torch.Tensor) and isinstance(index, torch.Tensor)
+        losses, index = losses.reshape(-1).float(), index.reshape(-1)
+        unique = torch.zeros(int(index.max()) + 1, dtype=torch.bool, device=index.device)
+        unique[index] = True
+        per_window = torch.zeros_like(unique, dtype=torch.float32).index_put_(
+            (index,), losses
+        )  # repeated windows write the same value again
+        loss = per_window[unique].mean()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self._val_losses.clear()
+        self._val_index.clear()
         self._mark = None  # validation time is not training throughput
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
