@@ -188,6 +188,10 @@ def test_flag_values_are_typed_by_the_schema() -> None:
         ),
         ('[trainer]\nmax_steps = "many"\n', ["trainer.max_steps"]),
         ("[trainer]\ncallbacks = []\n", ["trainer.callbacks cannot be set"]),
+        (
+            "[trainer]\naccumulate_grad_batches = 4\nval_check_interval = 10\n",
+            ["trainer.val_check_interval (10)", "multiple of trainer.accumulate_grad_batches (4)"],
+        ),
         ("[sample]\ntemperature = -1.0\n", ["sample.temperature"]),
         ('experiment = "a b"\n', ["experiment"]),
     ],

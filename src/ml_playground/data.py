@@ -122,7 +122,8 @@ class GPTDataModule(pl.LightningDataModule):
         self.batch_size, self.block_size = batch_size, block_size
         self.val_batches, self.num_workers = val_batches, num_workers
         self.pin_memory, self.seed = pin_memory, seed
-        self._resume_batch = 0
+        self._resume_batch = 0  # batches drawn before this run (from a checkpoint)
+        self._start_step = 0  # the optimizer step this run's stream started at
         require_artifacts(self.dataset_dir)
         # meta.pkl, or nanoGPT's GPT-2 BPE convention when the folder has none.
         self.meta: dict[str, Any] = dataset_meta(self.dataset_dir)
@@ -157,6 +158,8 @@ class GPTDataModule(pl.LightningDataModule):
             rank,
         )
         dataset.start_batch = self._resume_batch  # continue the stream where a checkpoint left it
+        # Called after a checkpoint is restored: global_step is the step resumed from.
+        self._start_step = trainer.global_step if trainer is not None else 0
         return DataLoader(
             dataset,
             batch_size=None,
@@ -166,9 +169,13 @@ class GPTDataModule(pl.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's position: how many batches each rank has drawn so far."""
+        """The sampler's position: how many batches each rank has drawn so far. Counted from
+        the resumed position, so a run resumed with another accumulate_grad_batches neither
+        replays nor skips data."""
         trainer = self.trainer
-        drawn = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        drawn = self._resume_batch
+        if trainer is not None:
+            drawn += (trainer.global_step - self._start_step) * trainer.accumulate_grad_batches
         return {"batches_drawn": drawn, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ml_playground.checkpoint_files import LAST_PATTERN
+from ml_playground.data import GPTDataModule, RandomWindows
+from ml_playground.prepare import load_tokens
 
 RESUME_FLAGS = (
     "--model.dropout", "0.1",  # exercises the restored RNG state too
@@ -253,3 +255,29 @@ def test_ema_checkpoint_resumed_without_ema_goes_on_from_the_raw_weights(
     b = weights(without.parent / "ckpt" / "ckpt_last_00000008.pt")
     for key in b:
         torch.testing.assert_close(b[key], a["current_model_state"][key], rtol=0, atol=1e-6)
+
+
+def test_resume_with_another_accumulation_neither_replays_nor_skips_data(
+    tmp_path: Path, make_experiment, cli
+) -> None:
+    """4 steps x 2 micro-batches draw batches 0-7; resumed with accumulation 1, steps 5 and 6
+    must train on batches 8 and 9 (not 4 and 5 again), and the next checkpoint says 10."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    env = {"ML_PLAYGROUND_TRACE_BATCHES": str(trace)}
+    every = ("--checkpointing.every_n_steps", "2", "--trainer.val_check_interval", "20")
+    cli("fit", "--config", config, *every, "--trainer.accumulate_grad_batches", "2",
+        "--trainer.max_steps", "4", cwd=tmp_path, env=env)  # fmt: skip
+    cli("fit", "--config", config, *every, "--trainer.max_steps", "6", "--ckpt_path", "last",
+        cwd=tmp_path, env=env)  # fmt: skip
+    sums = [int(line.split()[1]) for line in (trace / "batches-rank0.txt").read_text().splitlines()]
+    assert len(sums) == 10
+
+    stream = GPTDataModule(tmp_path / "data", 4, 16, 2, seed=7)  # the tiny experiment's settings
+    windows = RandomWindows(tmp_path / "data" / "train.bin", stream.dtype, 4, 16, 7, 0)
+    tokens = load_tokens(tmp_path / "data" / "train.bin", stream.dtype)
+    assert sums == [int(windows.batch(k, tokens)[0].sum()) for k in range(10)]
+    state = torch.load(tmp_path / "ckpt" / "ckpt_last_00000006.pt", weights_only=True)
+    assert state["GPTDataModule"]["batches_drawn"] == 10

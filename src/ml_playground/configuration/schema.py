@@ -240,6 +240,22 @@ class ExperimentConfig(Section):
                 f"data.block_size ({self.data.block_size}) exceeds the model's context "
                 f"model.block_size ({self.model.block_size})"
             )
+        accumulate = self.trainer.get("accumulate_grad_batches", 1)
+        interval = self.trainer.get("val_check_interval")
+        if (
+            isinstance(accumulate, int)
+            and isinstance(interval, int)
+            and not isinstance(interval, bool)
+            and accumulate > 1
+            and interval % accumulate
+        ):
+            # Lightning counts val_check_interval in micro-batches: a validation (and a best
+            # checkpoint) in the middle of an accumulated step could not be resumed exactly.
+            raise ValueError(
+                f"trainer.val_check_interval ({interval}) counts micro-batches and must be a "
+                f"multiple of trainer.accumulate_grad_batches ({accumulate}); for a validation "
+                f"every N optimizer steps use N x {accumulate}"
+            )
         return self
 
     @property
