@@ -11,9 +11,10 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from ml_playground.errors import DataError
+from ml_playground.errors import DataError, MLPlaygroundError
 from ml_playground.model.gpt import GPT
 from ml_playground.prepare import Tokenizer, tokenizer_from_meta
+from ml_playground.sampling import refresh_keep
 
 SAMPLE_PROMPT = "\n"
 SAMPLE_SEED = 1337
@@ -43,7 +44,10 @@ class TextSample(pl.Callback):
                 self.meta = {}
                 return
         model = cast(GPT, pl_module.model)
-        prompt = self.tokenizer.encode(SAMPLE_PROMPT) or [0]
+        try:
+            prompt = self.tokenizer.encode(SAMPLE_PROMPT) or [0]
+        except MLPlaygroundError:  # a corpus without newlines: start from token 0 instead
+            prompt = [0]
         idx = torch.tensor([prompt], dtype=torch.long, device=pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(SAMPLE_SEED)
         was_training = model.training
@@ -55,7 +59,7 @@ class TextSample(pl.Callback):
                 temperature=0.8,
                 top_k=200,
                 generator=generator,
-                refresh_keep=max(1, model.config.block_size * 3 // 4),
+                refresh_keep=refresh_keep(model.config.block_size),
                 vocab_limit=self.tokenizer.vocab_size,
             )
         finally:

@@ -58,10 +58,11 @@ def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
     return model
 
 
-def refresh_keep(block_size: int) -> int:
+def refresh_keep(block_size: int) -> int | None:
     """Past the context window, refill the KV cache from the last 3/4 of it rather than
-    recompute the whole window for every token (nanoGPT): >= 3/4 of the context is kept."""
-    return max(1, block_size * 3 // 4)
+    recompute the whole window for every token (nanoGPT): >= 3/4 of the context is kept.
+    A one-token context has nothing to keep: None, nanoGPT's exact recompute."""
+    return max(1, block_size * 3 // 4) if block_size > 1 else None
 
 
 def generate_text(

@@ -83,3 +83,26 @@ def test_sample_output_file(tmp_path: Path, make_experiment, cli) -> None:
     written = (tmp_path / "out" / "s.txt").read_text(encoding="utf-8")
     assert written == result.stdout
     assert written.count("-" * 40) == 2
+
+
+def test_a_corpus_without_newlines_and_a_one_token_context_train_and_sample(
+    tmp_path: Path, make_experiment, cli
+) -> None:
+    """The TensorBoard text sample starts from "\\n"; a char vocabulary without it must not stop
+    training. A context of one token (block_size 1) must train, validate and sample."""
+    config = make_experiment(tmp_path)
+    source = tmp_path / "corpus.txt"
+    source.write_text(source.read_text(encoding="utf-8").replace("\n", " "), encoding="utf-8")
+    cli("prepare", "--config", config, cwd=tmp_path)
+    tiny_context = ("--data.block_size", "1", "--model.block_size", "1")
+    cli("fit", "--config", config, "--trainer.max_steps", "10", cwd=tmp_path)
+    out = cli("sample", "--config", config, "--sample.prompt", "t", cwd=tmp_path).stdout
+    assert out.count("-" * 40) == 2
+    cli("fit", "--config", config, *tiny_context, "--trainer.max_steps", "10",
+        "--checkpointing.dirpath", "ckpt1", cwd=tmp_path)  # fmt: skip
+    out = cli("sample", "--config", config, *tiny_context, "--checkpointing.dirpath", "ckpt1",
+              "--sample.prompt", "t", cwd=tmp_path).stdout  # fmt: skip
+    assert out.count("-" * 40) == 2
+    events = EventAccumulator(str(tmp_path / "logs" / "tiny" / "version_1"))
+    events.Reload()
+    assert "sample" in "".join(events.Tags()["tensors"])
