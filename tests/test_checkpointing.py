@@ -232,8 +232,11 @@ def test_check_compatible(reference: Reference) -> None:
         check_compatible(path, checkpoint, {**args, "n_layer": 2})
     with pytest.raises(CheckpointError, match="n_embd"):
         check_compatible(path, checkpoint, {**args, "n_embd": 32})
-    with pytest.raises(CheckpointError, match="vocabulary"):
-        check_compatible(path, checkpoint, {**args, "vocab_size": vocab + 1})
+    with pytest.raises(CheckpointError, match=r"vocabulary of \d+ tokens.*dataset"):
+        check_compatible(path, checkpoint, {**args, "vocab_size": vocab + 1}, vocab + 1)
+    # Same dataset, another padding: the message names model.vocab_multiple_of.
+    with pytest.raises(CheckpointError, match="model.vocab_multiple_of"):
+        check_compatible(path, checkpoint, {**args, "vocab_size": 64}, vocab)
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -118,10 +118,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(path: Path, checkpoint: dict[str, Any], model_args: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint whose model shape or vocabulary differs from the run's."""
+def check_compatible(
+    path: Path,
+    checkpoint: dict[str, Any],
+    model_args: dict[str, Any],
+    dataset_vocab: int | None = None,
+) -> None:
+    """Refuse to resume a checkpoint whose model shape or vocabulary differs from the run's.
+
+    `model_args["vocab_size"]` is padded to model.vocab_multiple_of; `dataset_vocab`, the
+    dataset's own size, tells a changed padding from a changed dataset."""
     stored = checkpoint[SECTION]["model_args"]
+    meta = checkpoint[SECTION].get("meta")
+    stored_vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
     if stored.get("vocab_size") != model_args.get("vocab_size"):
+        if dataset_vocab is not None and stored_vocab == dataset_vocab:
+            raise CheckpointError(
+                f"{path}: the model's vocabulary is padded to {stored.get('vocab_size')} in the "
+                f"checkpoint but to {model_args.get('vocab_size')} with this config's "
+                "model.vocab_multiple_of; use the value the checkpoint was trained with"
+            )
         raise CheckpointError(
             f"{path}: vocabulary of {stored.get('vocab_size')} tokens, but this run's dataset "
             f"(meta.pkl) gives {model_args.get('vocab_size')}; resume with the dataset it was "

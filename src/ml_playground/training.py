@@ -153,7 +153,7 @@ def build(
         cfg.model, datamodule.vocab_size, tokens_per_batch=data.batch_size * data.block_size
     )
     if resume is not None:
-        check_compatible(resume, load_checkpoint(resume), module.model_args)
+        check_compatible(resume, load_checkpoint(resume), module.model_args, datamodule.vocab_size)
     text = dump_toml(cfg)
     ckpt = cfg.checkpointing
     checkpoint = GPTCheckpoint(
