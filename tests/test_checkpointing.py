@@ -235,7 +235,7 @@ def test_check_compatible(reference: Reference) -> None:
     with pytest.raises(CheckpointError, match=r"vocabulary of \d+ tokens.*dataset"):
         check_compatible(path, checkpoint, {**args, "vocab_size": vocab + 1}, vocab + 1)
     # Same dataset, another padding: the message names model.vocab_multiple_of.
-    with pytest.raises(CheckpointError, match="model.vocab_multiple_of"):
+    with pytest.raises(CheckpointError, match=r"model\.vocab_multiple_of"):
         check_compatible(path, checkpoint, {**args, "vocab_size": 64}, vocab)
 
 
