@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,39 +80,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
-    """What the README's multi-node section says, with both "nodes" on localhost."""
-    config = make_experiment(tmp_path)
-    cli("prepare", "--config", config, cwd=tmp_path)
+def run_two_nodes(
+    config: Path, folder: Path, node0_setup: Callable[[], None] | None = None
+) -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
+    """`fit` as two one-process "nodes" on localhost, started separately (as torchrun or
+    SLURM would); node0_setup runs in node 0's process before it starts. Returns the processes
+    and their (stdout, stderr)."""
     port = str(free_port())
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
+    args = [sys.executable, "-m", "ml_playground", "fit", "--config", str(config),
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+            "--trainer.num_nodes", "2", "--trainer.devices", "1"]  # fmt: skip
     procs = []
     for node in (0, 1):
-        env = dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
+        env = dict(child_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
                    LOCAL_RANK="0", WORLD_SIZE="2")  # fmt: skip
         procs.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ml_playground",
-                    "fit",
-                    "--config",
-                    str(config),
-                    "--trainer.accelerator",
-                    "cpu",
-                    "--trainer.strategy",
-                    "ddp",
-                    "--trainer.num_nodes",
-                    "2",
-                    "--trainer.devices",
-                    "1",
-                ],
-                cwd=tmp_path,
+                args,
+                cwd=folder,
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                preexec_fn=node0_setup if node == 0 else None,
             )
         )
     outputs = []
@@ -122,6 +113,14 @@ def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    return procs, outputs
+
+
+def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
+    """What the README's multi-node section says, with both "nodes" on localhost."""
+    config = make_experiment(tmp_path)
+    cli("prepare", "--config", config, cwd=tmp_path)
+    procs, outputs = run_two_nodes(config, tmp_path)
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, f"{out}\n{err}"
     assert "best val/loss" in outputs[0][0] and "best val/loss" not in outputs[1][0]
@@ -180,33 +179,7 @@ def test_a_rank_that_loses_its_peer_says_so_in_one_line(tmp_path, make_experimen
     finds its peer gone and says so in one line instead of a traceback."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
-    port = str(free_port())
-    procs = []
-    for node in (0, 1):
-        env = dict(child_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
-                   LOCAL_RANK="0", WORLD_SIZE="2")  # fmt: skip
-        args = [sys.executable, "-m", "ml_playground", "fit", "--config", str(config),
-                "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
-                "--trainer.num_nodes", "2", "--trainer.devices", "1"]  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                args,
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                preexec_fn=limit_file_size if node == 0 else None,
-            )
-        )
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    procs, outputs = run_two_nodes(config, tmp_path, node0_setup=limit_file_size)
     (_, err0), (_, err1) = outputs
     assert procs[0].returncode == 1 and "could not write checkpoint" in err0, err0
     assert procs[1].returncode == 1, err1
