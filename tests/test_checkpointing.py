@@ -1,7 +1,7 @@
 """Checkpoint names, lookup, safe loading, compatibility checks, atomic writes and rotation.
 
-The rotation tests drive a real (tiny) Lightning run in-process through
-`ml_playground.training.fit`, with configurations from the real loader.
+The rotation tests drive a real (tiny) `fit` in-process through the command line's
+`PlaygroundCLI`, with the tiny experiment file and dotted flags.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from ml_playground.checkpoint_files import (
     load_checkpoint,
 )
 from ml_playground.checkpointing import AtomicCheckpointIO
-from ml_playground.configuration import load_config
-from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.cli import PlaygroundCLI
 from ml_playground.errors import CheckpointError
 from ml_playground.prepare import prepare_char_corpus
-from ml_playground.training import fit
+from ml_playground.training import RunResult
 
 MAX_STEPS = 11
 EVERY_N_STEPS = 4  # last at 0, 4, 8 and (end of training) 11
@@ -54,7 +53,7 @@ class Prepared:
     folder: Path
     config: Path
 
-    def load(self, run_dir: Path, **overrides: object) -> ExperimentConfig:
+    def load(self, run_dir: Path, **overrides: object) -> list[str]:
         """The tiny experiment, writing into `run_dir`, with dotted overrides (a__b = a.b)."""
         flags = {
             "checkpointing.dirpath": str(run_dir / "ckpt"),
@@ -65,8 +64,17 @@ class Prepared:
             "checkpointing.every_n_steps": EVERY_N_STEPS,
         }
         flags.update({key.replace("__", "."): value for key, value in overrides.items()})
-        pairs = [(key, _flag_text(value)) for key, value in flags.items()]
-        return load_config([self.config], pairs)
+        return ["--config", str(self.config)] + [
+            f"--{key}={_flag_text(value)}" for key, value in flags.items()
+        ]
+
+
+def fit(argv: list[str], ckpt_path: str | None = None) -> RunResult:
+    """`ml-playground fit ARGV [--ckpt_path ...]`, in this process."""
+    resume = ["--ckpt_path", ckpt_path] if ckpt_path else []
+    cli = PlaygroundCLI(["fit", *argv, *resume], env_vars=())
+    assert cli.result is not None
+    return cli.result
 
 
 def _flag_text(value: object) -> str:

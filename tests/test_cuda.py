@@ -71,7 +71,7 @@ def test_kv_cache_generation_matches_full_recompute_on_cuda() -> None:
 
 def test_optimizer_is_fused_on_cuda(tmp_path: Path, make_experiment) -> None:
     cfg = load_config([make_experiment(tmp_path)], [])
-    module = GPTLightningModule(cfg.model, 96, tokens_per_batch=64).to(CUDA)
+    module = GPTLightningModule(96, 64, **cfg.model.model_dump()).to(CUDA)
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"] is True
 

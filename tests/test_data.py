@@ -25,7 +25,8 @@ def dataset(tmp_path_factory, corpus_text: str) -> Path:
 
 def datamodule(folder: Path, **kwargs) -> GPTDataModule:
     args = {"batch_size": BATCH, "block_size": BLOCK, "val_batches": VAL_BATCHES, "seed": 5}
-    return GPTDataModule(folder, **(args | kwargs))
+    args |= {"num_workers": 0, "pin_memory": False}
+    return GPTDataModule(dataset_dir=folder, **(args | kwargs))
 
 
 def take(dm: GPTDataModule, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

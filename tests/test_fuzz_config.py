@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ml_playground.configuration import load_config
-from ml_playground.configuration.loading import TRAIN_OVERRIDES_ENV, _toml_key, _toml_value
+from ml_playground.configuration.loading import TRAIN_OVERRIDES_ENV, dump_toml
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.errors import ConfigError
 
@@ -94,13 +94,12 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-# The project's own TOML writer (it also writes --print_config and config.toml).
-toml_key, toml_value = _toml_key, _toml_value
-
-
 def to_toml(doc: dict[str, Any]) -> str:
-    """One `key = value` line per top-level key (tables as inline tables)."""
-    return "".join(f"{toml_key(key)} = {toml_value(value)}\n" for key, value in doc.items())
+    """The project's TOML writer (it also writes --print_config and config.toml)."""
+    try:
+        return dump_toml(doc)
+    except (TypeError, ValueError):  # what TOML cannot hold (nan keys, mixed arrays are fine)
+        return ""
 
 
 def check(call: Any) -> None:

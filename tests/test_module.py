@@ -85,7 +85,7 @@ def module() -> GPTLightningModule:
             ("data.block_size", "16"),
         ]
     )
-    return GPTLightningModule(cfg.model, vocab_size=50, tokens_per_batch=64)
+    return GPTLightningModule(vocab_size=50, tokens_per_batch=64, **cfg.model.model_dump())
 
 
 def test_weight_decay_only_on_matrices(module: GPTLightningModule) -> None:

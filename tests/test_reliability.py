@@ -136,9 +136,10 @@ def test_checkpoint_with_nan_weights_is_refused(tmp_path: Path) -> None:
     from ml_playground.checkpointing import CheckpointExtras
 
     callback = GPTCheckpoint(
-        dirpath=tmp_path, every_n_steps=1, metric="val/loss", mode="min", keep_last=2,
-        keep_best=1, extras=CheckpointExtras(config_toml="", meta={}),
+        dirpath=tmp_path, every_n_steps=1, metric="val/loss", mode="min", patience=0,
+        keep={"last": 2, "best": 1},
     )  # fmt: skip
+    callback.extras = CheckpointExtras(config_toml="", meta={})
     module = torch.nn.Linear(2, 2)
     saved: list[Path] = []
     trainer = SimpleNamespace(
@@ -176,11 +177,11 @@ def test_checkpoint_with_nan_weights_is_refused(tmp_path: Path) -> None:
 def test_unexpected_os_error_is_one_line(
     exc: OSError, line: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    def fail(argv: Any) -> int:
+    def fail(argv: Any) -> None:
         raise exc
 
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
-    monkeypatch.setattr(cli, "run", fail)
+    monkeypatch.setattr(cli, "PlaygroundCLI", fail)
     assert cli.main(["fit"]) == 1
     assert capsys.readouterr().err == line + "\n"
     with pytest.raises(OSError):
@@ -198,4 +199,11 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path: Path) -> None:
     np.array([1, 2, 3, 40, 5] * 10, dtype=np.uint16).tofile(tmp_path / "train.bin")
     np.array([1, 2, 3, 4, 5] * 10, dtype=np.uint16).tofile(tmp_path / "val.bin")
     with pytest.raises(DataError, match=r"train\.bin"):
-        GPTDataModule(tmp_path, batch_size=2, block_size=4, val_batches=1)
+        GPTDataModule(
+            dataset_dir=tmp_path,
+            batch_size=2,
+            block_size=4,
+            val_batches=1,
+            num_workers=0,
+            pin_memory=False,
+        )

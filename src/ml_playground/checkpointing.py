@@ -33,6 +33,7 @@ from ml_playground.checkpoint_files import (
     last_name,
     managed_files,
 )
+from ml_playground.configuration.schema import CheckpointingConfig
 from ml_playground.errors import CheckpointError, ConfigError, TrainingError
 
 
@@ -166,31 +167,29 @@ class GPTCheckpoint(ModelCheckpoint):
       so the file resumed from carries the up-to-date best score.
     """
 
-    def __init__(
-        self,
-        dirpath: Path,
-        every_n_steps: int,
-        metric: str,
-        mode: str,
-        keep_last: int,
-        keep_best: int,
-        extras: CheckpointExtras,
-    ) -> None:
+    def __init__(self, **checkpointing: Any) -> None:
+        """`checkpointing` holds the `[checkpointing]` settings (`CheckpointingConfig`)."""
+        settings = CheckpointingConfig(**checkpointing)
+        dirpath, keep = settings.dirpath, settings.keep
         super().__init__(
             dirpath=dirpath,
-            monitor=metric,
-            mode=mode,
-            save_top_k=keep_best,
+            monitor=settings.metric,
+            mode=settings.mode,
+            save_top_k=keep.best,
             save_last=False,
             every_n_train_steps=0,
             every_n_epochs=0,
             save_on_train_epoch_end=False,
             enable_version_counter=False,
         )
+        self.settings = settings
         self.dir = Path(dirpath)
-        self.every_n_steps = every_n_steps
-        self.windows = RetentionWindows(self.dir, keep_last, keep_best, metric, mode)
-        self.extras = extras
+        self.every_n_steps = settings.every_n_steps
+        self.windows = RetentionWindows(
+            self.dir, keep.last, keep.best, settings.metric, settings.mode
+        )
+        # The resolved config and the tokenizer, set once they are known (before training).
+        self.extras = CheckpointExtras(config_toml="", meta={})
         self.last_saved_step = -1
         self._pending_last: int | None = None
         self._pending_rng: dict[str, Any] | None = None

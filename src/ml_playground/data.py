@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ml_playground.configuration.schema import DataConfig
 from ml_playground.errors import DataError
 from ml_playground.prepare import dataset_meta, load_tokens
 
@@ -107,21 +108,14 @@ class FixedWindows(Dataset):
 class GPTDataModule(pl.LightningDataModule):
     """Reads the three artifacts of `prepare`; hands out training and validation batches."""
 
-    def __init__(
-        self,
-        dataset_dir: Path,
-        batch_size: int,
-        block_size: int,
-        val_batches: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, seed: int = 0, **data: Any) -> None:
+        """`data` holds the `[data]` settings (`DataConfig`); `seed` is `seed_everything`."""
         super().__init__()
-        self.dataset_dir = Path(dataset_dir)
-        self.batch_size, self.block_size = batch_size, block_size
-        self.val_batches, self.num_workers = val_batches, num_workers
-        self.pin_memory, self.seed = pin_memory, seed
+        config = DataConfig(**data)
+        self.dataset_dir = Path(config.dataset_dir)
+        self.batch_size, self.block_size = config.batch_size, config.block_size
+        self.val_batches, self.num_workers = config.val_batches, config.num_workers
+        self.pin_memory, self.seed = config.pin_memory, seed
         self._resume_batch = 0  # batches drawn before this run (from a checkpoint)
         self._start_step = 0  # the optimizer step this run's stream started at
         require_artifacts(self.dataset_dir)
@@ -139,10 +133,10 @@ class GPTDataModule(pl.LightningDataModule):
                     f"vocabulary of {self.vocab_size} (meta.pkl); prepare the dataset again "
                     "(`prepare --force`)"
                 )
-            if length <= block_size:
+            if length <= self.block_size:
                 raise DataError(
                     f"{self.dataset_dir / f'{split}.bin'}: {length} tokens, fewer than one "
-                    f"window of data.block_size + 1 = {block_size + 1}; use a larger corpus "
+                    f"window of data.block_size + 1 = {self.block_size + 1}; use a larger corpus "
                     "or a smaller data.block_size"
                 )
 

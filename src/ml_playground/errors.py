@@ -5,6 +5,10 @@ The CLI turns any of these into one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 
 class MLPlaygroundError(Exception):
     """Base class: a problem the user can fix. The message names the file/key and the fix."""
@@ -32,3 +36,36 @@ class SamplingError(MLPlaygroundError):
 
 class TrainingError(MLPlaygroundError):
     """Training cannot continue (for example the loss became NaN)."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<strerror>: <filename>` (both files for a failed rename or link)."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    return f"{text}: {' -> '.join(names)}" if names else text
+
+
+# What gloo raises when a peer process of a distributed run is gone (NCCL raises DistError).
+LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """If a distributed run's collective failed because another of its processes stopped: the
+    line to print instead of a traceback (a consequence; the process that failed says why)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available():
+        return None
+    if dist.is_initialized():
+        rank = str(dist.get_rank())
+    elif os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        rank = os.environ.get("RANK", "?")
+    else:
+        return None  # not a distributed run
+    if not (isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in LOST_PEER_SIGNS)):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())  # gloo's "[source.cc:561] " prefix
+    first = (text.split(". ")[0].splitlines() or [type(exc).__name__])[0][:200]
+    return (
+        f"rank {rank} lost contact with another process of this distributed run ({first}); "
+        "that process's own error says why"
+    )

@@ -33,8 +33,8 @@ class TextSample(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.meta:
             return
-        logger = trainer.logger
-        if not isinstance(logger, TensorBoardLogger):
+        boards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not boards:
             return
         if self.tokenizer is None:
             try:
@@ -66,7 +66,8 @@ class TextSample(pl.Callback):
             model.train(was_training)
         self.last_text = self.tokenizer.decode(out[0].tolist())
         # Markdown would swallow newlines: show the sample as a code block.
-        logger.experiment.add_text("sample", f"```\n{self.last_text}\n```", trainer.global_step)
+        for board in boards:
+            board.experiment.add_text("sample", f"```\n{self.last_text}\n```", trainer.global_step)
 
 
 class HparamsSummary(pl.Callback):
@@ -79,9 +80,15 @@ class HparamsSummary(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
         score = getattr(checkpoint, "best_model_score", None)
-        if not trainer.is_global_zero or trainer.logger is None or score is None:
+        if not trainer.is_global_zero or score is None:
             return
-        trainer.logger.log_hyperparams(self.params, {f"hp/best_{self.metric}": float(score)})
+        best = {f"hp/best_{self.metric}": float(score)}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs them
+                logger.log_hyperparams(self.params, best)
+            else:
+                logger.log_hyperparams(self.params)
+                logger.log_metrics(best, trainer.global_step)
 
 
 class StepAlignedLogger(TensorBoardLogger):

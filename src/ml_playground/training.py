@@ -1,11 +1,11 @@
-"""`fit` and `validate`: build the data module, the model, the Trainer and its callbacks."""
+"""`fit` and `validate` around the classes LightningCLI built: the project's callbacks, logger
+and checkpoint I/O, the resume checks, the folder lock, and what a run leaves behind."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,6 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from ml_playground.checkpoint_files import (
     check_compatible,
@@ -22,8 +24,7 @@ from ml_playground.checkpoint_files import (
     load_checkpoint,
     managed_files,
 )
-from ml_playground.checkpointing import AtomicCheckpointIO, CheckpointExtras, GPTCheckpoint
-from ml_playground.configuration.loading import dump_toml
+from ml_playground.checkpointing import AtomicCheckpointIO, GPTCheckpoint
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import CheckpointError, ConfigError
@@ -35,21 +36,22 @@ LOCK_FILENAME = "fit.lock"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
-class SaveResolvedConfig(pl.Callback):
-    """Writes the resolved configuration next to the run's TensorBoard events (rank 0)."""
+class SaveResolvedConfig(SaveConfigCallback):
+    """Writes the resolved experiment (TOML that `--config` reads back) into the run's log
+    folder; LightningCLI adds it to every Trainer it builds and calls this on rank 0."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.path: Path | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and trainer.logger is not None and trainer.logger.log_dir:
-            folder = Path(trainer.logger.log_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path = folder / CONFIG_FILENAME
-            tmp = self.path.with_suffix(".toml.tmp")
-            tmp.write_text(self.text, encoding="utf-8")
-            tmp.replace(self.path)
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        checkpoint = next(c for c in trainer.callbacks if isinstance(c, GPTCheckpoint))  # type: ignore[attr-defined]
+        # Rank 0 only: trainer.log_dir would wait in a collective for the other ranks.
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if not log_dir:
+            return
+        folder = Path(log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CONFIG_FILENAME
+        tmp = path.with_suffix(".toml.tmp")
+        tmp.write_text(checkpoint.extras.config_toml, encoding="utf-8")
+        tmp.replace(path)
 
 
 class ReportValidation(pl.Callback):
@@ -89,6 +91,7 @@ class RunResult:
     """What a `fit` or `validate` run leaves behind, for the closing report."""
 
     log_dir: Path | None
+    tensorboard_dir: Path | None
     last_checkpoint: Path | None
     best_checkpoint: Path | None
     best_score: float | None
@@ -100,8 +103,12 @@ class RunResult:
 
 def _quiet_lightning() -> None:
     # Hints aimed at Lightning developers, not at our users (e.g. about num_workers on CPU).
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in (
+        "pytorch.utilities.rank_zero",
+        "pytorch.accelerators.cuda",
+        "fabric.utilities.seed",
+    ):
+        logging.getLogger(f"lightning.{name}").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings(
         "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
@@ -117,7 +124,7 @@ def _quiet_lightning() -> None:
 
 
 def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
-    """`last` / `best` / a file, validated against the config; or a check for a fresh run."""
+    """`last` / `best` / a file for `fit`; without one, a check that this is a fresh run."""
     dirpath = cfg.checkpointing.dirpath
     if ckpt_path is None:
         existing = managed_files(dirpath, "last") + managed_files(dirpath, "best")
@@ -131,46 +138,24 @@ def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
     return find_checkpoint(dirpath, ckpt_path)
 
 
-def build(
-    cfg: ExperimentConfig, resume: Path | None
-) -> tuple[pl.Trainer, GPTLightningModule, GPTDataModule, GPTCheckpoint]:
-    """Everything `fit` and `validate` need, with the checkpoint checked before any work."""
-    _quiet_lightning()
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 parts on Ampere+
-    pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
-    data = cfg.data
-    datamodule = GPTDataModule(
-        dataset_dir=data.dataset_dir,
-        batch_size=data.batch_size,
-        block_size=data.block_size,
-        val_batches=data.val_batches,
-        num_workers=data.num_workers,
-        pin_memory=data.pin_memory,
-        seed=cfg.seed_everything,
-    )
-    module = GPTLightningModule(
-        cfg.model, datamodule.vocab_size, tokens_per_batch=data.batch_size * data.block_size
-    )
-    if resume is not None:
-        check_compatible(resume, load_checkpoint(resume), module.model_args, datamodule.vocab_size)
-    text = dump_toml(cfg)
-    ckpt = cfg.checkpointing
-    checkpoint = GPTCheckpoint(
-        dirpath=ckpt.dirpath,
-        every_n_steps=ckpt.every_n_steps,
-        metric=ckpt.metric,
-        mode=ckpt.mode,
-        keep_last=ckpt.keep.last,
-        keep_best=ckpt.keep.best,
-        extras=CheckpointExtras(config_toml=text, meta=datamodule.meta),
-    )
-    logger = StepAlignedLogger(
+def check_resume(path: Path, module: GPTLightningModule, datamodule: GPTDataModule) -> None:
+    """The checkpoint fits this model and dataset, checked before any work."""
+    check_compatible(path, load_checkpoint(path), module.model_args, datamodule.vocab_size)
+
+
+def default_logger(cfg: ExperimentConfig) -> Logger:
+    """TensorBoard under log_dir/<experiment>/version_N, steps as in checkpoint names."""
+    return StepAlignedLogger(
         save_dir=str(cfg.log_dir), name=cfg.experiment, default_hp_metric=False
     )
+
+
+def project_callbacks(
+    cfg: ExperimentConfig, datamodule: GPTDataModule, progress_bar: bool
+) -> list[pl.Callback]:
+    """The callbacks every run has, beside the checkpoint policy and the user's own."""
+    ckpt = cfg.checkpointing
     callbacks: list[pl.Callback] = [
-        checkpoint,
-        SaveResolvedConfig(text),
         ReportValidation(),
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
@@ -183,16 +168,20 @@ def build(
         # Lightning's EMA: validation runs on the averaged weights and checkpoints store them
         # as the state_dict (the raw weights under current_model_state, for resuming).
         callbacks.insert(0, EMAWeightAveraging(decay=cfg.model.ema_decay))
-    trainer_args: dict[str, Any] = dict(cfg.trainer)
-    if trainer_args.get("enable_progress_bar") is None:
-        # A bar redrawn into a log file is noise: show it only on a terminal.
-        trainer_args["enable_progress_bar"] = sys.stderr.isatty()
-    if trainer_args["enable_progress_bar"]:
+    if progress_bar:
         callbacks.append(ProgressBar(refresh_rate=10))
-    trainer = pl.Trainer(
-        **trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-    )
-    return trainer, module, datamodule, checkpoint
+    return callbacks
+
+
+def project_plugins() -> list[Any]:
+    return [AtomicCheckpointIO()]
+
+
+def prepare_runtime() -> None:
+    """Process-wide settings before the classes are built."""
+    _quiet_lightning()
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 parts on Ampere+
 
 
 class FolderLock:
@@ -283,7 +272,7 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def _is_launching_process() -> bool:
+def is_launching_process() -> bool:
     """Rank 0 before any launcher: the one process that writes (and locks) the folder."""
     return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
@@ -310,12 +299,16 @@ def stop_started_ranks(trainer: pl.Trainer, exc: BaseException) -> None:
             proc.wait()
 
 
-def fit(cfg: ExperimentConfig, ckpt_path: str | None = None) -> RunResult:
-    """Train (or resume training) as the configuration says."""
-    resume = resolve_resume(cfg, ckpt_path)
-    trainer, module, datamodule, checkpoint = build(cfg, resume)
-    lock = FolderLock(cfg.checkpointing.dirpath)
-    if _is_launching_process():
+def fit(
+    trainer: pl.Trainer,
+    module: GPTLightningModule,
+    datamodule: GPTDataModule,
+    cfg: ExperimentConfig,
+    resume: Path | None,
+    lock: FolderLock,
+) -> RunResult:
+    """Train (or resume training) with the classes LightningCLI built; `lock` is released."""
+    if is_launching_process() and not lock.held:
         lock.acquire()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -324,26 +317,30 @@ def fit(cfg: ExperimentConfig, ckpt_path: str | None = None) -> RunResult:
         raise
     finally:
         lock.release()
-    return _result(trainer, checkpoint, cfg)
+    return _result(trainer, cfg)
 
 
-def validate(cfg: ExperimentConfig, ckpt_path: str = "best") -> RunResult:
+def validate(
+    trainer: pl.Trainer, module: GPTLightningModule, datamodule: GPTDataModule,
+    cfg: ExperimentConfig, path: Path,
+) -> RunResult:  # fmt: skip
     """Evaluate a checkpoint on the fixed validation windows."""
-    path = find_checkpoint(cfg.checkpointing.dirpath, ckpt_path)
-    trainer, module, datamodule, checkpoint = build(cfg, path)
     try:
         trainer.validate(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
     except BaseException as exc:
         stop_started_ranks(trainer, exc)
         raise
-    return _result(trainer, checkpoint, cfg)
+    return _result(trainer, cfg)
 
 
-def _result(trainer: pl.Trainer, checkpoint: GPTCheckpoint, cfg: ExperimentConfig) -> RunResult:
+def _result(trainer: pl.Trainer, cfg: ExperimentConfig) -> RunResult:
+    checkpoint = next(c for c in trainer.callbacks if isinstance(c, GPTCheckpoint))  # type: ignore[attr-defined]
     score = checkpoint.best_model_score
-    log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+    boards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    log_dir = trainer.log_dir if trainer.logger is not None else None
     return RunResult(
         log_dir=Path(log_dir) if log_dir else None,
+        tensorboard_dir=Path(boards[0].log_dir).parent if boards else None,
         last_checkpoint=Path(checkpoint.last_model_path) if checkpoint.last_model_path else None,
         best_checkpoint=Path(checkpoint.best_model_path) if checkpoint.best_model_path else None,
         best_score=None if score is None else float(score),

@@ -275,7 +275,15 @@ def test_resume_with_another_accumulation_neither_replays_nor_skips_data(
     sums = [int(line.split()[1]) for line in (trace / "batches-rank0.txt").read_text().splitlines()]
     assert len(sums) == 10
 
-    stream = GPTDataModule(tmp_path / "data", 4, 16, 2, seed=7)  # the tiny experiment's settings
+    stream = GPTDataModule(
+        dataset_dir=tmp_path / "data",
+        batch_size=4,
+        block_size=16,
+        val_batches=2,
+        seed=7,
+        num_workers=0,
+        pin_memory=False,
+    )  # the tiny experiment's settings
     windows = RandomWindows(tmp_path / "data" / "train.bin", stream.dtype, 4, 16, 7, 0)
     tokens = load_tokens(tmp_path / "data" / "train.bin", stream.dtype)
     assert sums == [int(windows.batch(k, tokens)[0].sum()) for k in range(10)]

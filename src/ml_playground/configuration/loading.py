@@ -1,54 +1,48 @@
-"""Loading, merging and validating configuration: the only place that does it.
+"""What jsonargparse does not do for us: the JSON environment overrides, the origin of every
+value, strict types for values read from files, one-line errors and TOML output.
 
-Layers, lowest precedence first: the packaged defaults, the `--config` files in order, the
-JSON environment overrides, the command-line flags. Each layer's relative paths resolve
-against its own base (a config file's folder; the working directory for the rest) before the
-layers are deep-merged and validated as one `ExperimentConfig`.
+LightningCLI (`cli.py`) parses; this module prepares its argument list and explains its
+verdicts. Layers, lowest precedence first: the packaged defaults, the `--config` files in
+order, the JSON of `ML_PLAYGROUND_TRAIN_OVERRIDES` / `ML_PLAYGROUND_SAMPLE_OVERRIDES`, the
+flags. jsonargparse applies arguments in order, so the argument list is rewritten to exactly
+that order, whatever order the user typed.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
-import math
 import os
+import re
 import tomllib
-import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.configuration.schema import MANAGED_TRAINER_KEYS, ExperimentConfig
 from ml_playground.errors import ConfigError
 
 TRAIN_OVERRIDES_ENV = "ML_PLAYGROUND_TRAIN_OVERRIDES"
 SAMPLE_OVERRIDES_ENV = "ML_PLAYGROUND_SAMPLE_OVERRIDES"
-
-# Keys that may hold a path even though the schema types them as str.
-_URL_PREFIXES = ("http://", "https://")
-_CKPT_ALIASES = ("best", "last")
-_PROMPT_FILE_PREFIX = "FILE:"
-
-
-@dataclass
-class Layer:
-    """One source of settings: its parsed data, a label for messages, and its path base."""
-
-    label: str
-    data: dict[str, Any]
-    base: Path = field(default_factory=Path.cwd)
+DEFAULTS_LABEL = "packaged defaults"
+COMMAND_LINE = "command line"
+NULL = "null"  # TOML has no null: this string stands for None, as jsonargparse reads it
+MAX_DEPTH = 32  # deeper tables cannot be configuration; refuse them before any recursion
 
 
-# --------------------------------------------------------------------------- reading layers
+def packaged_defaults() -> dict[str, Any]:
+    """`default.toml`, the only home of the defaults."""
+    text = resources.files("ml_playground").joinpath("default.toml").read_text("utf-8")
+    return tomllib.loads(text)
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file as strict UTF-8; every failure is a one-line ConfigError."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file as strict UTF-8 TOML; every failure is a one-line ConfigError."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -59,272 +53,306 @@ def read_toml(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"{path}: not valid UTF-8 at byte {exc.start}; save the file as UTF-8"
+            f"{path}: not valid UTF-8 at byte {exc.start}; save it as UTF-8"
         ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
 
 
-def packaged_defaults() -> Layer:
-    """The defaults shipped inside the package (`default.toml`)."""
-    text = resources.files("ml_playground").joinpath("default.toml").read_text("utf-8")
-    return Layer("packaged defaults", tomllib.loads(text))
-
-
-def file_layer(path: Path) -> Layer:
-    path = Path(path)
-    return Layer(str(path), read_toml(path), path.resolve().parent)
-
-
-def env_layer(variable: str) -> Layer | None:
-    """The JSON object in an override variable, or None when the variable is unset/empty."""
+def read_env(variable: str) -> dict[str, Any] | None:
+    """The JSON object in an override variable, or None when it is unset or empty."""
     text = os.environ.get(variable, "")
     if not text.strip():
         return None
+    example = '{"trainer": {"max_steps": 5}}'
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"{variable}: invalid JSON ({exc.msg} at column {exc.colno}); "
-            'expected an object such as {"trainer": {"max_steps": 5}}'
+            f"{variable}: invalid JSON ({exc.msg} at column {exc.colno}); expected an object "
+            f"such as {example}"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"{variable}: nested too deeply to be a configuration") from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{variable}: expected a JSON object such as "
-            f'{{"trainer": {{"max_steps": 5}}}}, got {type(data).__name__}'
+            f"{variable}: expected a JSON object such as {example}, got {type(data).__name__}"
         )
-    return Layer(variable, data)
-
-
-def flags_layer(flags: Sequence[tuple[str, str]]) -> Layer | None:
-    """Dotted command-line overrides (`--model.n_layer 2`) as one nested layer."""
-    if not flags:
-        return None
-    data: dict[str, Any] = {}
-    for dotted, raw in flags:
-        parts = dotted.split(".")
-        if not all(parts):
-            raise ConfigError(f"--{dotted}: malformed option name")
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--{dotted}: {part} is set both as a value and as a section")
-            node = child
-        node[parts[-1]] = _parse_flag_value(parts, raw)
-    return Layer("command line", data)
-
-
-def _parse_flag_value(parts: list[str], raw: str) -> Any:
-    """Strings stay strings where the schema wants text; other values are read as TOML."""
-    if _wants_text(parts):
-        return raw
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _wants_text(parts: list[str]) -> bool:
-    model: type[BaseModel] = ExperimentConfig
-    annotation: Any = None
-    for part in parts:
-        info = model.model_fields.get(part)
-        if info is None:
-            return False
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-    if annotation in (str, Path):
-        return True
-    return typing.get_origin(annotation) is Literal and all(
-        isinstance(arg, str) for arg in typing.get_args(annotation)
-    )
-
-
-# --------------------------------------------------------------------------- merging
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; any other value (lists included) replaces."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            yield from _leaves(value, f"{dotted}.")
-        else:
-            yield dotted
-
-
-def _path_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if annotation is Path:
-            keys.append(prefix + name)
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(_path_keys(annotation, f"{prefix}{name}."))
-    return keys
-
-
-def _resolve_layer_paths(layer: Layer) -> dict[str, Any]:
-    """Copy of the layer's data with relative paths anchored at the layer's base."""
-    data = copy.deepcopy(layer.data)
-
-    def anchor(text: str) -> str:
-        if "\0" in text:
-            raise ConfigError(f"{layer.label}: path {text!r} contains a NUL character")
-        try:
-            path = Path(text).expanduser()
-        except RuntimeError:  # ~name of a user this machine does not know
-            raise ConfigError(
-                f"{layer.label}: cannot expand {text!r}: unknown user; write the full path"
-            ) from None
-        return str(path if path.is_absolute() else layer.base / path)
-
-    def update(dotted: str, rewrite: typing.Callable[[str], str]) -> None:
-        *parents, leaf = dotted.split(".")
-        node: Any = data
-        for part in parents:
-            node = node.get(part)
-            if not isinstance(node, dict):
-                return
-        value = node.get(leaf)
-        if isinstance(value, str) and value:
-            node[leaf] = rewrite(value)
-
-    for key in _path_keys():
-        update(key, anchor)
-    update("prepare.source", lambda s: s if s.startswith(_URL_PREFIXES) else anchor(s))
-    update("sample.ckpt", lambda s: s if s in _CKPT_ALIASES else anchor(s))
-    update("sample.output", anchor)
-    update(
-        "sample.prompt",
-        lambda s: (
-            _PROMPT_FILE_PREFIX + anchor(s[len(_PROMPT_FILE_PREFIX) :])
-            if s.startswith(_PROMPT_FILE_PREFIX)
-            else s
-        ),
-    )
     return data
 
 
-def _finalize_paths(data: dict[str, Any]) -> None:
-    """Replace "{experiment}" in path values and turn them into `Path` objects."""
-    name = data.get("experiment")
-    for dotted in _path_keys():
-        *parents, leaf = dotted.split(".")
-        node: Any = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            text = node[leaf]
-            if isinstance(name, str):
-                text = text.replace("{experiment}", name)
-            node[leaf] = Path(text)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def merge_layers(layers: Sequence[Layer]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Deep-merge resolved layers; also return which layer set each leaf key last."""
-    merged: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    for layer in layers:
-        data = _resolve_layer_paths(layer)
-        merged = deep_merge(merged, data)
-        for key in _leaves(data):
-            origins[key] = layer.label
-    _finalize_paths(merged)
-    return merged, origins
-
-
-def validate(merged: dict[str, Any], origins: Mapping[str, str]) -> ExperimentConfig:
-    try:
-        return ExperimentConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(_describe_errors(exc, origins)) from None
-
-
-def _describe_errors(exc: ValidationError, origins: Mapping[str, str]) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    loc = [str(part) for part in first["loc"]]
-    dotted = ".".join(loc)
-    where = _origin(dotted, origins)
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        hint = _did_you_mean(loc)
-        message = f"{dotted}: unknown key{hint}"
-    elif kind == "missing":
-        message = f"{dotted}: missing (add it to the config file)"
-    else:
-        text = first["msg"].removeprefix("Value error, ")
-        if loc and loc != ["trainer"] and "input" in first and not isinstance(first["input"], dict):
-            message = f"{dotted} = {_show(first['input'])}: {text}"
+def _leaves(data: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{prefix.rstrip('.')}: nested too deeply to be a configuration")
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value and "class_path" not in value:
+            out += _leaves(value, f"{prefix}{key}.", depth + 1)
         else:
-            message = f"{dotted}: {text}" if dotted else text
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}: {message}{more}"
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+@dataclass
+class Request:
+    """The argument list in precedence order, and where each value came from."""
+
+    command: str | None
+    argv: list[str]
+    labels: list[str] = field(default_factory=lambda: [DEFAULTS_LABEL])
+    origins: dict[str, str] = field(default_factory=dict)  # dotted key -> label
+    raw: list[tuple[str, str, Any]] = field(default_factory=list)  # (label, key, value) from data
+    print_config: bool = False
+
+    def record(self, label: str, data: Mapping[str, Any]) -> None:
+        self.labels.append(label)
+        for key, value in _leaves(data):
+            self.origins[key] = label
+            self.raw.append((label, key, value))
+
+    def origin(self, key: str) -> str:
+        """The layer that set `key`, or the latest layer that set anything below it."""
+        if key in self.origins:
+            return self.origins[key]
+        below = [label for k, label in self.origins.items() if not key or k.startswith(f"{key}.")]
+        return max(below, key=self.labels.index) if below else DEFAULTS_LABEL
+
+    def origin_of_message(self, section: str, text: str) -> str:
+        """For a rule across keys: the latest layer that set one of the keys it names."""
+        names = re.findall(r"[a-z_]+(?:\.[a-z_]+)*", text)
+        keys = [n if "." in n else f"{section}.{n}" if section else n for n in names]
+        found = [self.origins[k] for k in keys if k in self.origins]
+        return max(found, key=self.labels.index) if found else self.origin(section)
+
+
+def arrange(argv: Sequence[str], command: str | None, variables: Sequence[str]) -> Request:
+    """`COMMAND --config F ... --config <env JSON> ... FLAGS`, with every source recorded.
+
+    Files are read here first: jsonargparse would take a missing path for an inline config
+    string, and the strict type check needs the values as the file wrote them.
+    """
+    request = Request(command, [command] if command else [])
+    rest, flags = list(argv[1:] if command else argv), []
+    for key, _ in _leaves(packaged_defaults()):
+        request.origins[key] = DEFAULTS_LABEL
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--config", "-c") or arg.startswith("--config="):
+            path = arg.partition("=")[2] if "=" in arg else rest.pop(0) if rest else ""
+            if not path:
+                raise ConfigError("--config: missing file name")
+            request.record(path, read_toml(path))
+            request.argv += ["--config", path]
+        elif arg == "--print_config":
+            request.print_config = True
+        elif arg == "--force" and (not rest or rest[0].startswith("--")):
+            flags.append("--force=true")  # jsonargparse's booleans take a value
+        else:
+            flags.append(arg)
+    for variable in variables:
+        data = read_env(variable)
+        if data is not None:
+            request.record(variable, data)
+            request.argv += ["--config", json.dumps(data)]
+    request.labels.append(COMMAND_LINE)
+    for arg in flags:
+        if arg.startswith("--") and len(arg) > 2:
+            request.origins[arg[2:].partition("=")[0].removesuffix("+")] = COMMAND_LINE
+    request.argv += flags
+    return request
+
+
+# --------------------------------------------------------------------------- strict values
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _kind(value: Any) -> str:
+    for cls, name in _KINDS.items():
+        if isinstance(value, cls):
+            return name
+    return type(value).__name__
+
+
+def check_strict(request: Request, parsed: Any) -> None:
+    """A value from a file or variable keeps its TOML/JSON type: jsonargparse would turn
+    "2" into 2, 2.0 into 2 or true into 1, which the project refuses ("2" is not an int)."""
+    for label, key, raw in request.raw:
+        if isinstance(raw, list | dict) or request.origins.get(key) != label:
+            continue
+        try:
+            value = parsed.get(key)
+        except (KeyError, AttributeError):
+            continue
+        if raw == NULL and value is None:
+            continue
+        same = (
+            isinstance(value, str | os.PathLike)
+            if isinstance(raw, str)
+            else isinstance(value, bool)
+            if isinstance(raw, bool)
+            else not isinstance(value, bool) and isinstance(value, int | float)
+            if isinstance(raw, int)
+            else isinstance(value, float)
+        )
+        if not same and value is not None:
+            raise ConfigError(
+                f"{label}: {key} = {_show(raw)}: expected {_kind(value)}, not {_kind(raw)}"
+            )
+
+
+# --------------------------------------------------------------------------- messages
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return json.dumps(value, default=str)
+    return json.dumps(value, default=str, ensure_ascii=False)
 
 
-def _origin(dotted: str, origins: Mapping[str, str]) -> str:
-    if dotted in origins:
-        return origins[dotted]
-    below = [label for key, label in origins.items() if key.startswith(f"{dotted}.") or not dotted]
-    custom = [label for label in below if label != "packaged defaults"]
-    return (custom or below or ["configuration"])[-1]
+def _sections() -> dict[str, list[str]]:
+    """Valid keys per table, for "did you mean" hints."""
+    tables: dict[str, list[str]] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        tables[prefix] = list(model.model_fields)
+        for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                walk(info.annotation, f"{prefix}.{name}" if prefix else name)
+
+    walk(ExperimentConfig, "")
+    return tables
 
 
-def _did_you_mean(loc: list[str]) -> str:
-    model: type[BaseModel] = ExperimentConfig
-    for part in loc[:-1]:
-        info = model.model_fields.get(part)
-        annotation = info.annotation if info else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    valid = list(model.model_fields)
-    close = difflib.get_close_matches(loc[-1], valid, n=1)
-    section = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "the top level"
-    if close:
-        return f" (did you mean {close[0]}?)"
-    return f"; valid keys in {section}: {', '.join(valid)}"
+def unknown_key(request: Request, key: str, valid: Sequence[str] = ()) -> str:
+    section, _, name = key.rpartition(".")
+    if section == "trainer" and name in MANAGED_TRAINER_KEYS:
+        return f"{request.origin(key)}: trainer.{name} cannot be set: {MANAGED_TRAINER_KEYS[name]}"
+    if section == "trainer" and not valid:
+        import inspect
+
+        from lightning.pytorch import Trainer  # imported already by the command line
+
+        names = inspect.signature(Trainer.__init__).parameters
+        valid = [n for n in names if n != "self" and n not in MANAGED_TRAINER_KEYS]
+    valid = list(valid) or _sections().get(section, [])
+    close = difflib.get_close_matches(name, valid, n=1)
+    where = f"[{section}]" if section else "the top level"
+    hint = (
+        f" (did you mean {close[0]}?)" if close else f"; valid keys in {where}: {', '.join(valid)}"
+    )
+    if section == "trainer" and not close:
+        hint = " (not an argument of lightning.Trainer; see `ml-playground fit --help`)"
+    return f"{request.origin(key)}: {key}: unknown key{hint}"
 
 
-# --------------------------------------------------------------------------- public API
+def describe_parse_error(request: Request, message: str) -> str:
+    """jsonargparse's multi-line verdict as one line: `origin: key: problem`."""
+    text = message.strip()
+    if m := re.search(
+        r"(?:(?:Group|Key) '([^']+)' )?does not accept (?:nested key|option) '([^']+)'", text
+    ):
+        return unknown_key(request, f"{m[1]}.{m[2]}" if m[1] else m[2])
+    if m := re.search(r"Option '([^']+)' is not accepted", text):
+        return unknown_key(request, m[1])
+    if m := re.search(r"[Uu]nrecognized arguments: (\S+)", text):
+        name = m[1].lstrip("-").partition("=")[0]
+        return unknown_key(request, name)
+    if m := re.search(r"No action for key \"([^\"]+)\"", text):
+        return unknown_key(request, m[1])
+    if m := re.search(r'(?:Parser key|Key) "([^"]+)":\s*(.*)', text, re.S):
+        key = m[1]
+        lines = [line.strip() for line in m[2].splitlines() if line.strip()]
+        given = [line.partition("value:")[2] for line in lines if line.startswith("Given value:")]
+        got = given or re.findall(r"Got value: (.*)$", m[2], re.M)
+        lines = [
+            line.split(". Got value")[0]
+            for line in lines
+            if not re.match(r"\d+ validation errors? for|For further|Given value", line)
+        ]
+        first = _classes(lines[0] if lines else "invalid value")
+        first = re.sub(r"\s*\[type=.*$", "", first).strip().rstrip(".:")
+        if "Does not validate against any of the" in first:
+            kinds = next((line for line in lines if line.startswith("Subtypes:")), "")
+            first = f"fits none of the accepted types {_classes(kinds.partition(':')[2].strip())}"
+        value = f" = {got[0].strip()[:80]}" if got else ""
+        return f"{request.origin(key)}: {key}{value}: {first}"
+    if m := re.search(r"required: ([\w.]+)", text):
+        return f"{request.origin(m[1])}: {m[1]}: missing (a table may have been given a value)"
+    return re.sub(r"\s*\n\s*", "; ", text)
+
+
+def _classes(text: str) -> str:
+    """`Expected a <class 'int'>` as `expected an integer`; other `<class 'x'>` as `x`."""
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+    text = re.sub(
+        r"Expected a <class '(\w+)'>", lambda k: f"expected {names.get(k[1], k[1])}", text
+    )
+    return re.sub(r"<class '([\w.]+)'>", r"\1", text)
+
+
+def validate(request: Request, data: Mapping[str, Any]) -> ExperimentConfig:
+    """The whole experiment through the strict Pydantic models (every command does this)."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        loc = [str(part) for part in first["loc"]]
+        key = ".".join(loc)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(unknown_key(request, key) + more) from None
+        text = first["msg"].removeprefix("Value error, ")
+        if (
+            first["type"].endswith("_error")
+            and first["type"] == "value_error"
+            and not ("input" in first and not isinstance(first["input"], dict))
+        ):
+            where = request.origin_of_message(key, text)  # a rule across keys
+            raise ConfigError(f"{where}: {key + ': ' if key else ''}{text}{more}") from None
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) or value is None else f" = {_show(value)}"
+        raise ConfigError(f"{request.origin(key)}: {key}{shown}: {text}{more}") from None
+
+
+# --------------------------------------------------------------------------- TOML out
+
+
+def _nulls(value: Any) -> Any:
+    if value is None:
+        return NULL
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nulls(v) for v in value]
+    return value
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """TOML that `--config` reads back (jsonargparse's dumper for the "toml" mode)."""
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    return tomli_w.dumps(_nulls({**scalars, **tables}))
+
+
+# --------------------------------------------------------------------------- Python API
 
 
 def load_config(
-    config_files: Sequence[Path] = (),
+    config_files: Sequence[str | Path] = (),
     flags: Sequence[tuple[str, str]] = (),
     env_vars: Sequence[str] = (),
 ) -> ExperimentConfig:
-    """Defaults < config files (in order) < environment overrides < flags, validated."""
-    layers = [packaged_defaults()]
-    layers += [file_layer(Path(path)) for path in config_files]
-    layers += [layer for var in env_vars if (layer := env_layer(var)) is not None]
-    if (flag_layer := flags_layer(flags)) is not None:
-        layers.append(flag_layer)
-    return validate(*merge_layers(layers))
+    """Defaults < config files (in order) < environment overrides < flags, validated by the
+    same LightningCLI parser as the console script (nothing is instantiated)."""
+    from ml_playground.cli import parse_only  # the parser lives with the command line
+
+    argv = [item for path in config_files for item in ("--config", str(path))]
+    argv += [f"--{key}={value}" for key, value in flags]
+    return parse_only(argv, env_vars)
 
 
 def load_experiment_toml(path: Path) -> ExperimentConfig:
@@ -337,80 +365,3 @@ def load_full_experiment_config(
 ) -> ExperimentConfig:
     """An experiment file with the training overrides of the environment and flags applied."""
     return load_config([path], flags, [TRAIN_OVERRIDES_ENV])
-
-
-def config_from_toml_text(text: str, label: str) -> ExperimentConfig:
-    """Validate a resolved configuration stored as TOML (for example inside a checkpoint)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{label}: stored configuration is not valid TOML: {exc}") from None
-    return validate(*merge_layers([packaged_defaults(), Layer(label, data)]))
-
-
-def dump_toml(config: ExperimentConfig) -> str:
-    """The resolved configuration as TOML that `--config` accepts again."""
-    data = config.model_dump(mode="json")
-    lines: list[str] = []
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    lines += [f"{key} = {_toml_value(value)}" for key, value in scalars.items()]
-    for name, table in tables.items():
-        _dump_table(name, table, lines)
-    return "\n".join(lines) + "\n"
-
-
-def _dump_table(name: str, table: Mapping[str, Any], lines: list[str]) -> None:
-    lines.append("")
-    lines.append(f"[{name}]")
-    subtables = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            subtables[key] = value
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in subtables.items():
-        _dump_table(f"{name}.{_toml_key(key)}", value, lines)
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return '"null"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + inner + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-__all__ = [
-    "SAMPLE_OVERRIDES_ENV",
-    "TRAIN_OVERRIDES_ENV",
-    "Layer",
-    "config_from_toml_text",
-    "deep_merge",
-    "dump_toml",
-    "load_config",
-    "load_experiment_toml",
-    "load_full_experiment_config",
-    "merge_layers",
-    "read_toml",
-    "validate",
-]

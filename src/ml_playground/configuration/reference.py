@@ -63,13 +63,16 @@ def _section(
 
 
 def render() -> str:
-    defaults = packaged_defaults().data
+    defaults = packaged_defaults()
     lines = [HEADER]
     lines += _section("Top level", ExperimentConfig, "", defaults)
     lines += [
         "## [trainer]",
         "",
-        "Any keyword argument of `lightning.Trainer`, checked against its signature and types.",
+        "Any keyword argument of `lightning.Trainer`, checked by jsonargparse against its",
+        "signature and types. `callbacks` and `logger` take Lightning classes by short name or",
+        "class path (`[[trainer.callbacks]]` with `class_path` and `init_args`); the project's own",
+        "callbacks and its TensorBoard logger (when no logger is set) are added beside them.",
         'TOML has no null: the string `"null"` stands for `None`. Packaged defaults:',
         "",
         "| key | default |",

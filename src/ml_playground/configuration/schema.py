@@ -1,36 +1,119 @@
 """The configuration schema: one strict Pydantic model per TOML section.
 
-Defaults are not written here: they live in the packaged `default.toml`, which the loader
-merges under every experiment file, so every field below is required once merged.
+Defaults are not written here: they live in the packaged `default.toml`, which the command line
+(LightningCLI + jsonargparse, `cli.py`) sets under every experiment file, so every field below
+is required. jsonargparse reads these models as the argument groups of `[prepare]`, `[data]`,
+`[model]`, `[checkpointing]` and `[sample]`; Pydantic then validates the merged whole.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from pathlib import PosixPath
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from jsonargparse.typing import register_type
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import core_schema
 
-from ml_playground.configuration.trainer_args import accepts, trainer_signature
+from ml_playground.prepare.download import is_url
 
-# Trainer arguments the project builds itself: a user value would silently fight ours.
+# Trainer arguments the project sets itself: a user value would silently fight ours.
 MANAGED_TRAINER_KEYS = {
-    "callbacks": "use the [checkpointing] section; callbacks are built by ml-playground",
-    "logger": "logs always go to TensorBoard under log_dir",
     "plugins": "ml-playground installs its own checkpoint I/O plugin",
     "enable_checkpointing": "use [checkpointing] keep.last / keep.best (0 disables a kind)",
     "default_root_dir": "use log_dir and checkpointing.dirpath",
 }
+CKPT_ALIASES = ("best", "last")
+PROMPT_FILE_PREFIX = "FILE:"
+EXPERIMENT = "{experiment}"
 
 
-# TOML has no null; in [trainer] this string stands for Python's None (as in jsonargparse).
-NULL = "null"
+# --------------------------------------------------------------------------- path values
+# jsonargparse parses a config file with that file's folder as the working directory, so a
+# value anchored (made absolute) when it is parsed resolves against the file that holds it;
+# flags and environment overrides resolve against the real working directory.
+
+
+def anchor(value: object) -> str:
+    """An absolute path: relative ones are taken from the current working directory."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"expected a path, got {value!r}")
+    text = os.fspath(value)
+    if not text or "\0" in text:
+        raise ValueError(f"not a usable path: {text!r}")
+    try:
+        return os.path.abspath(os.path.expanduser(text))
+    except RuntimeError:  # ~name of an unknown user
+        raise ValueError(f"cannot expand {text!r}: unknown user; write the full path") from None
+
+
+class _Anchored:
+    """A value type whose text is anchored when parsed; registered with jsonargparse and
+    accepted by the strict Pydantic models (as text or, for paths, a path)."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            lambda v: v if isinstance(v, cls) else cls.parse(v),
+            serialization=core_schema.to_string_ser_schema(),
+        )
+
+    @classmethod
+    def register(cls) -> None:
+        register_type(cls, serializer=str, deserializer=cls.parse)
+
+
+class AnchoredPath(_Anchored, PosixPath):
+    """A folder or file; relative to the config file that names it."""
+
+    @classmethod
+    def parse(cls, value: Any) -> AnchoredPath:
+        return cls(anchor(value))
+
+
+class Source(_Anchored, str):
+    """A corpus: an http(s) URL as it is, otherwise a path."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Source:
+        return cls(value if isinstance(value, str) and is_url(value) else anchor(value))
+
+
+class CheckpointRef(_Anchored, str):
+    """`best`, `last` or a checkpoint file."""
+
+    @classmethod
+    def parse(cls, value: Any) -> CheckpointRef:
+        return cls(value if value in CKPT_ALIASES else anchor(value))
+
+
+class Prompt(_Anchored, str):
+    """Text, or `FILE:path` with the path anchored."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Prompt:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r}")
+        if value.startswith(PROMPT_FILE_PREFIX):
+            return cls(PROMPT_FILE_PREFIX + anchor(value[len(PROMPT_FILE_PREFIX) :]))
+        return cls(value)
+
+
+class OptionalPath(_Anchored, str):
+    """A file, or "" for none."""
+
+    @classmethod
+    def parse(cls, value: Any) -> OptionalPath:
+        return cls("" if value == "" else anchor(value))
+
+
+for _type in (AnchoredPath, Source, CheckpointRef, Prompt, OptionalPath):
+    _type.register()
 
 
 class Section(BaseModel):
@@ -42,7 +125,7 @@ class Section(BaseModel):
 class PrepareConfig(Section):
     """How `prepare` turns a raw corpus into train.bin / val.bin / meta.pkl."""
 
-    source: str = Field(
+    source: Source = Field(
         description="the raw corpus: a URL (downloaded once into the cache), a UTF-8 file, a "
         "folder (every *.txt below it, sorted) or a glob pattern; relative paths resolve "
         "against the config file"
@@ -81,7 +164,7 @@ class PrepareConfig(Section):
 class DataConfig(Section):
     """Where the prepared tokens are and how batches are drawn from them."""
 
-    dataset_dir: Path = Field(
+    dataset_dir: AnchoredPath = Field(
         description="folder with train.bin, val.bin and meta.pkl ({experiment} is replaced)"
     )
     batch_size: int = Field(description="sequences per micro-batch (per device)", gt=0)
@@ -164,7 +247,7 @@ class KeepConfig(Section):
 class CheckpointingConfig(Section):
     """Where checkpoints go, when they are written and how many are kept."""
 
-    dirpath: Path = Field(description="checkpoint folder ({experiment} is replaced)")
+    dirpath: AnchoredPath = Field(description="checkpoint folder ({experiment} is replaced)")
     every_n_steps: int = Field(description="write a last checkpoint every N optimizer steps", gt=0)
     metric: str = Field(description="logged metric that decides the best checkpoint")
     mode: Literal["min", "max"] = Field(description="whether a lower or a higher metric is better")
@@ -179,15 +262,15 @@ class CheckpointingConfig(Section):
 class SampleConfig(Section):
     """How `sample` generates text."""
 
-    ckpt: str = Field(description='"best", "last" or a checkpoint file', min_length=1)
-    prompt: str = Field(description='text to continue, or "FILE:path" to read it from a file')
+    ckpt: CheckpointRef = Field(description='"best", "last" or a checkpoint file')
+    prompt: Prompt = Field(description='text to continue, or "FILE:path" to read it from a file')
     num_samples: int = Field(description="samples generated together in one batch", gt=0)
     max_new_tokens: int = Field(description="tokens generated per sample", gt=0)
     temperature: float = Field(description="softmax temperature; 0 means greedy", ge=0.0)
     top_k: int = Field(description="sample among the k likeliest tokens; 0 disables", ge=0)
     top_p: float = Field(description="nucleus sampling mass; 1.0 disables", gt=0.0, le=1.0)
     seed: int = Field(description="random seed of the sampler")
-    output: str = Field(
+    output: OptionalPath = Field(
         description='also write the samples to this file ("" : only print them); relative '
         "paths resolve against the config file"
     )
@@ -201,37 +284,36 @@ class ExperimentConfig(Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
     )
     seed_everything: int = Field(description="global random seed (torch, numpy, python, data)")
-    log_dir: Path = Field(description="TensorBoard logs go to <log_dir>/<experiment>/version_N")
+    log_dir: AnchoredPath = Field(
+        description="TensorBoard logs go to <log_dir>/<experiment>/version_N"
+    )
     prepare: PrepareConfig
     data: DataConfig
     model: ModelConfig
-    trainer: dict[str, Any] = Field(description="keyword arguments of lightning.Trainer")
+    trainer: dict[str, Any] = Field(
+        description="keyword arguments of lightning.Trainer (checked by jsonargparse against its signature)"
+    )
     checkpointing: CheckpointingConfig
     sample: SampleConfig
 
-    @field_validator("trainer")
+    @model_validator(mode="before")
     @classmethod
-    def _check_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
-        signature = {
-            name: entry
-            for name, entry in trainer_signature().items()
-            if name not in MANAGED_TRAINER_KEYS
-        }
-        value = {key: None if item == NULL else item for key, item in value.items()}
-        for key, item in value.items():
-            if key in MANAGED_TRAINER_KEYS:
-                raise ValueError(f"trainer.{key} cannot be set: {MANAGED_TRAINER_KEYS[key]}")
-            if key not in signature:
-                raise ValueError(
-                    f"trainer.{key} is not an argument of lightning.Trainer "
-                    f"(valid: {', '.join(sorted(signature))})"
-                )
-            tree, text = signature[key]
-            if not accepts(tree, item):
-                raise ValueError(
-                    f"trainer.{key} = {item!r} does not fit lightning.Trainer's type {text}"
-                )
-        return value
+    def _name_paths(cls, data: Any) -> Any:
+        """ "{experiment}" in the folders becomes the experiment's name."""
+        if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
+            return data
+        name, data = data["experiment"], dict(data)
+        for section, key in (
+            ("", "log_dir"),
+            ("data", "dataset_dir"),
+            ("checkpointing", "dirpath"),
+        ):
+            table = dict(data.get(section) or {}) if section else data
+            if isinstance(table.get(key), str | os.PathLike):
+                table[key] = os.fspath(table[key]).replace(EXPERIMENT, name)
+                if section:
+                    data[section] = table
+        return data
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> ExperimentConfig:

@@ -70,8 +70,11 @@ def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
 class GPTLightningModule(pl.LightningModule):
     """Trains a `GPT`; checkpoint extras (config, tokenizer) are added by the callback."""
 
-    def __init__(self, config: ModelConfig, vocab_size: int, tokens_per_batch: int) -> None:
+    def __init__(self, vocab_size: int, tokens_per_batch: int, **model: Any) -> None:
+        """`model` holds the `[model]` settings (`ModelConfig`); `vocab_size` (from the data's
+        meta.pkl) and `tokens_per_batch` (for throughput) come from the data module."""
         super().__init__()
+        config = ModelConfig(**model)
         self.config = config
         self.model = GPT(gpt_config(config, vocab_size))
         self.tokens_per_batch = tokens_per_batch
@@ -162,6 +165,30 @@ class GPTLightningModule(pl.LightningModule):
         # training must go on from the raw weights (with EMA on, its callback handles this).
         if self.config.ema_decay == 0 and "current_model_state" in checkpoint:
             checkpoint["state_dict"] = checkpoint["current_model_state"]
+        self._adopt_optimizer_settings(checkpoint)
+
+    def _schedule(self) -> WarmupCosine:
+        cfg = self.config
+        return WarmupCosine(cfg.warmup_steps, cfg.lr_decay_steps, cfg.learning_rate, cfg.min_lr)
+
+    def _adopt_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run trains with this config's learning rate, schedule, betas and weight
+        decay: Lightning would restore the checkpoint's along with the optimizer's moments."""
+        cfg, schedule = self.config, self._schedule()
+        step = 0
+        for state in checkpoint.get("lr_schedulers", []):
+            step = int(state.get("last_epoch", 0))
+            count = len(state.get("base_lrs", []))
+            state["base_lrs"] = [cfg.learning_rate] * count
+            state["_last_lr"] = [cfg.learning_rate * schedule(step)] * count
+            state["lr_lambdas"] = [None] * count  # keep this run's schedule object
+        for state in checkpoint.get("optimizer_states", []):
+            for index, group in enumerate(state.get("param_groups", [])):
+                group["lr"] = cfg.learning_rate * schedule(step)
+                group["initial_lr"] = cfg.learning_rate
+                group["betas"] = (cfg.beta1, cfg.beta2)
+                if index == 0:  # the group that decays (configure_param_groups)
+                    group["weight_decay"] = cfg.weight_decay
 
     def configure_optimizers(self) -> Any:
         cfg = self.config
@@ -172,8 +199,7 @@ class GPTLightningModule(pl.LightningModule):
             betas=(cfg.beta1, cfg.beta2),
             fused=fused,
         )
-        schedule = WarmupCosine(cfg.warmup_steps, cfg.lr_decay_steps, cfg.learning_rate, cfg.min_lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

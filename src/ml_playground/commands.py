@@ -1,0 +1,102 @@
+"""What each command does once the configuration is parsed and validated, and what it prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from ml_playground import training
+from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.data import GPTDataModule
+from ml_playground.model.module import GPTLightningModule
+
+SEPARATOR = "-" * 40
+
+
+def prepare(cfg: ExperimentConfig, force: bool) -> None:
+    from ml_playground.prepare import run_prepare
+
+    prep = cfg.prepare
+    did_work, meta = run_prepare(
+        source=prep.source,
+        source_sha256=prep.source_sha256 or None,
+        tokenizer=prep.tokenizer,
+        val_fraction=prep.val_fraction,
+        dataset_dir=cfg.data.dataset_dir,
+        force=force,
+        split=prep.split,
+        seed=cfg.seed_everything,
+        document_separator=prep.document_separator,
+        chunk_bytes=prep.chunk_bytes,
+        num_threads=prep.num_threads,
+        progress=True,
+    )
+    where = cfg.data.dataset_dir
+    if did_work:
+        print(
+            f"prepare: wrote {where} (train {meta['train_tokens']:,} tokens, "
+            f"val {meta['val_tokens']:,} tokens, vocabulary {meta['vocab_size']:,})"
+        )
+    else:
+        print(f"prepare: {where} is already prepared; skipped (--force prepares again)")
+
+
+def fit(
+    trainer: pl.Trainer,
+    module: GPTLightningModule,
+    datamodule: GPTDataModule,
+    cfg: ExperimentConfig,
+    resume: Path | None,
+    lock: training.FolderLock,
+) -> training.RunResult:
+    result = training.fit(trainer, module, datamodule, cfg, resume, lock)
+    if not result.is_global_zero:
+        return result
+    print(SEPARATOR)
+    if result.stopped_early:
+        print(
+            f"stopped early: {result.metric} did not improve for "
+            f"{cfg.checkpointing.patience} validation(s)"
+        )
+    if result.best_score is not None:
+        where = result.best_checkpoint or "(not kept: checkpointing.keep.best = 0)"
+        print(f"best {result.metric}: {result.best_score:.4f}  {where}")
+    if result.last_checkpoint:
+        print(f"last checkpoint: {result.last_checkpoint}")
+    if result.log_dir:
+        print(f"logs: {result.log_dir}")
+    if result.tensorboard_dir:
+        print(f"tensorboard --logdir {result.tensorboard_dir}")
+    return result
+
+
+def validate(
+    trainer: pl.Trainer,
+    module: GPTLightningModule,
+    datamodule: GPTDataModule,
+    cfg: ExperimentConfig,
+    path: Path,
+) -> training.RunResult:
+    result = training.validate(trainer, module, datamodule, cfg, path)
+    if result.is_global_zero:
+        for name, value in sorted(result.metrics.items()):
+            print(f"{name}: {value:.4f}")
+    return result
+
+
+def sample(cfg: ExperimentConfig) -> None:
+    from ml_playground.sampling import sample as generate
+
+    path, texts = generate(cfg)
+    print(f"sampling from {path}", file=sys.stderr)
+    report = "".join(f"{text}\n{SEPARATOR}\n" for text in texts)
+    print(report, end="")
+    if cfg.sample.output:
+        output = Path(cfg.sample.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(report, encoding="utf-8")
+        tmp.replace(output)
+        print(f"samples written to {output}", file=sys.stderr)
