@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from ml_playground.cli import PlaygroundCLI
 from ml_playground.configuration import load_config
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule, RandomWindows
@@ -44,7 +45,6 @@ from ml_playground.model.module import (
     gpt_config,
 )
 from ml_playground.prepare import artifacts_ready, run_prepare, write_bin_and_meta
-from ml_playground.training import build
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -106,11 +106,12 @@ def step_ms(stamps: list[float], warmup: int, on_gpu: bool) -> list[float]:
     return [1000 * (b - a) for a, b in zip(stamps[warmup - 1 :], stamps[warmup:], strict=False)]
 
 
-def run_fit(cfg: ExperimentConfig, steps: int, warmup: int) -> list[float]:
-    trainer, module, datamodule, _ = build(cfg, None)
+def run_fit(argv: list[str], steps: int, warmup: int) -> list[float]:
+    """`ml-playground fit` as the console script builds it (LightningCLI, no command run)."""
+    cli = PlaygroundCLI(argv, run=False, env_vars=())
     timer = StepTimer(warmup, steps)
-    trainer.callbacks.append(timer)  # type: ignore[attr-defined]
-    trainer.fit(module, datamodule=datamodule)
+    cli.trainer.callbacks.append(timer)  # type: ignore[attr-defined]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.times
 
 
@@ -120,10 +121,8 @@ def run_plain(cfg: ExperimentConfig, steps: int, warmup: int) -> list[float]:
     accelerator = cfg.trainer.get("accelerator", "auto")
     use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda" if use_cuda else "cpu")
-    data = GPTDataModule(
-        cfg.data.dataset_dir, cfg.data.batch_size, cfg.data.block_size, cfg.data.val_batches
-    )
-    module = GPTLightningModule(cfg.model, data.vocab_size, cfg.data.batch_size)
+    data = GPTDataModule(**cfg.data.model_dump())
+    module = GPTLightningModule(data.vocab_size, cfg.data.batch_size, **cfg.model.model_dump())
     model = module.model.to(device)
     if cfg.model.compile:
         compile_gpt(model, cfg.model)
@@ -210,12 +209,13 @@ def main() -> None:
             *[(k, v) for k, v in args.set],
         ]
         cfg = load_config([args.config], flags)
+        argv = ["--config", str(args.config), *(f"--{key}={value}" for key, value in flags)]
         ensure_data(cfg)
         on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu"
         fit_ms: list[float] = []
         plain_ms: list[float] = []
         for _ in range(args.rounds):
-            fit_ms += step_ms(run_fit(cfg, args.steps, args.warmup), args.warmup, on_gpu)
+            fit_ms += step_ms(run_fit(argv, args.steps, args.warmup), args.warmup, on_gpu)
             plain_ms += step_ms(run_plain(cfg, args.steps, args.warmup), args.warmup, on_gpu)
     tokens = (
         cfg.data.batch_size * cfg.data.block_size * cfg.trainer.get("accumulate_grad_batches", 1)
@@ -223,10 +223,7 @@ def main() -> None:
     device = torch.device("cuda" if on_gpu else "cpu")
     peak, device_name = peak_flops(device, str(cfg.trainer.get("precision", "32-true")))
     vocab = (
-        args.random_data
-        or GPTDataModule(
-            cfg.data.dataset_dir, cfg.data.batch_size, cfg.data.block_size, 1
-        ).vocab_size
+        args.random_data or GPTDataModule(**(cfg.data.model_dump() | {"val_batches": 1})).vocab_size
     )
     flops_per_token = GPT(gpt_config(cfg.model, vocab)).flops_per_token()
     print(

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from ml_playground.configuration import (
-    dump_toml,
     load_config,
     load_experiment_toml,
     load_full_experiment_config,
@@ -16,6 +15,7 @@ from ml_playground.configuration import (
 from ml_playground.configuration.loading import (
     SAMPLE_OVERRIDES_ENV,
     TRAIN_OVERRIDES_ENV,
+    dump_toml,
     packaged_defaults,
 )
 from ml_playground.errors import ConfigError
@@ -149,6 +149,21 @@ def test_urls_aliases_and_flag_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cfg.prepare.source.startswith("https://")
     assert cfg.sample.ckpt == "last"
     assert cfg.data.dataset_dir == tmp_path / "d"
+
+
+def test_url_scheme_is_case_insensitive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`HTTPS://` is a URL for the configuration and for the downloader alike (one test)."""
+    from ml_playground.prepare.download import is_url
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("HTTPS://example.invalid/input.txt", "Http://example.invalid/input.txt"):
+        source = load_config(flags=[("prepare.source", url)]).prepare.source
+        assert source == url and is_url(source)
+    path = write(tmp_path / "e.toml", '[prepare]\nsource = "HTTPS://example.invalid/a.txt"\n')
+    assert load_experiment_toml(path).prepare.source == "HTTPS://example.invalid/a.txt"
+    assert load_config(flags=[("prepare.source", "https.txt")]).prepare.source == str(
+        tmp_path / "https.txt"
+    )
 
 
 def test_flag_values_are_typed_by_the_schema() -> None:

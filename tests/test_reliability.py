@@ -180,7 +180,7 @@ def test_unexpected_os_error_is_one_line(
     def fail(argv: Any) -> None:
         raise exc
 
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.delenv("ML_PLAYGROUND_DEBUG", raising=False)
     monkeypatch.setattr(cli, "PlaygroundCLI", fail)
     assert cli.main(["fit"]) == 1
     assert capsys.readouterr().err == line + "\n"

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -24,6 +24,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from pydantic import Field
 
 from ml_playground.checkpoint_files import (
     FORMAT_VERSION,
@@ -33,8 +34,30 @@ from ml_playground.checkpoint_files import (
     last_name,
     managed_files,
 )
-from ml_playground.configuration.schema import CheckpointingConfig
 from ml_playground.errors import CheckpointError, ConfigError, TrainingError
+from ml_playground.settings import AnchoredPath, Section
+
+
+class KeepConfig(Section):
+    """How many checkpoint files of each kind stay on disk (0 disables that kind)."""
+
+    last: int = Field(description="ckpt_last_* files kept (the newest)", ge=0)
+    best: int = Field(description="ckpt_best_* files kept (the best)", ge=0)
+
+
+class CheckpointingConfig(Section):
+    """Where checkpoints go, when they are written and how many are kept."""
+
+    dirpath: AnchoredPath = Field(description="checkpoint folder ({experiment} is replaced)")
+    every_n_steps: int = Field(description="write a last checkpoint every N optimizer steps", gt=0)
+    metric: str = Field(description="logged metric that decides the best checkpoint")
+    mode: Literal["min", "max"] = Field(description="whether a lower or a higher metric is better")
+    patience: int = Field(
+        description="stop training when the metric has not improved for this many "
+        "validations (the best checkpoint stays); 0 disables early stopping",
+        ge=0,
+    )
+    keep: KeepConfig
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

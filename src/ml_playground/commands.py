@@ -8,11 +8,42 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from ml_playground import training
+from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.model.module import GPTLightningModule
 
 SEPARATOR = "-" * 40
+DEBUG_ENV = "ML_PLAYGROUND_DEBUG"
+COMMANDS = {
+    "prepare": "Download or read the corpus and write train.bin, val.bin and meta.pkl.",
+    "fit": "Train a GPT (resume with --ckpt_path last|best|FILE).",
+    "train": "The same as fit.",
+    "validate": "Evaluate a checkpoint (--ckpt_path, default best) on the validation windows.",
+    "sample": "Generate text from the checkpoint named by sample.ckpt.",
+    "loop": "Prepare (skipped when done), fit, then sample.",
+}
+ENV_OF = {  # the override variables each command reads
+    "prepare": [],
+    "fit": [TRAIN_OVERRIDES_ENV],
+    "train": [TRAIN_OVERRIDES_ENV],
+    "validate": [TRAIN_OVERRIDES_ENV],
+    "sample": [SAMPLE_OVERRIDES_ENV],
+    "loop": [TRAIN_OVERRIDES_ENV],
+}
+EPILOG = (
+    f"Settings come from, lowest first: the packaged defaults, each --config file, the JSON "
+    f"objects in {TRAIN_OVERRIDES_ENV} (fit, train, validate, loop) and {SAMPLE_OVERRIDES_ENV} "
+    f"(sample, loop), then the flags. --print_config shows the result as TOML; --debug (or "
+    f"{DEBUG_ENV}=1) shows tracebacks."
+)
+HELP = {  # LightningCLI's parser_kwargs: the main parser's, then each command's
+    "prog": "ml-playground",
+    "description": "nanoGPT's prepare -> fit -> sample as a Lightning app, configured by TOML. "
+    "`ml-playground COMMAND --help` lists every setting.",
+    "epilog": EPILOG,
+    **{name: {"description": text, "epilog": EPILOG} for name, text in COMMANDS.items()},
+}
 
 
 def prepare(cfg: ExperimentConfig, force: bool) -> None:
@@ -89,7 +120,7 @@ def validate(
 def sample(cfg: ExperimentConfig) -> None:
     from ml_playground.sampling import sample as generate
 
-    path, texts = generate(cfg)
+    path, texts = generate(cfg.sample, cfg.checkpointing.dirpath, cfg.data.dataset_dir)
     print(f"sampling from {path}", file=sys.stderr)
     report = "".join(f"{text}\n{SEPARATOR}\n" for text in texts)
     print(report, end="")
@@ -100,3 +131,19 @@ def sample(cfg: ExperimentConfig) -> None:
         tmp.write_text(report, encoding="utf-8")
         tmp.replace(output)
         print(f"samples written to {output}", file=sys.stderr)
+
+
+def version() -> str:
+    """`ml-playground --version`: ours, torch's and Lightning's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as of
+
+    def installed(name: str) -> str:
+        try:
+            return of(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    names = ("ml-playground", "torch", "lightning")
+    mine, torch, lightning = (installed(name) for name in names)
+    return f"ml-playground {mine} (torch {torch}, lightning {lightning})"

@@ -15,13 +15,30 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ml_playground.configuration.schema import DataConfig
 from ml_playground.errors import DataError
 from ml_playground.prepare import dataset_meta, load_tokens
+from ml_playground.settings import AnchoredPath, Section
 
 ARTIFACTS = ("meta.pkl", "train.bin", "val.bin")
+
+
+class DataConfig(Section):
+    """Where the prepared tokens are and how batches are drawn from them."""
+
+    dataset_dir: AnchoredPath = Field(
+        description="folder with train.bin, val.bin and meta.pkl ({experiment} is replaced)"
+    )
+    batch_size: int = Field(description="sequences per micro-batch (per device)", gt=0)
+    block_size: int = Field(description="tokens per training sequence", gt=0)
+    val_batches: int = Field(
+        description="batches in the fixed validation set (evenly spaced windows of val.bin)",
+        gt=0,
+    )
+    num_workers: int = Field(description="DataLoader worker processes (0: load in-process)", ge=0)
+    pin_memory: bool = Field(description="pin host memory for faster copies to a GPU")
 
 
 def require_artifacts(dataset_dir: Path) -> None:

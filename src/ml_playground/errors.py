@@ -69,3 +69,22 @@ def lost_peer(exc: BaseException) -> str | None:
         f"rank {rank} lost contact with another process of this distributed run ({first}); "
         "that process's own error says why"
     )
+
+
+def report(exc: BaseException) -> int | None:
+    """Print the one line a user sees for `exc` and return the exit code; None for an
+    exception that is a bug (its traceback is the report)."""
+    if isinstance(exc, MLPlaygroundError):
+        line, code = f"error: {exc}", exc.exit_code
+    elif isinstance(exc, OSError):  # not foreseen where it happened (permissions, full disk)
+        line, code = f"error: {describe_os_error(exc)}", 1
+    elif isinstance(exc, KeyboardInterrupt):
+        line, code = "interrupted", 130
+    elif isinstance(exc, RuntimeError) and (lost := lost_peer(exc)) is not None:
+        line, code = f"error: {lost}", 1
+    elif type(exc).__name__ == "SIGTERMException":  # Lightning's, raised after saving
+        line, code = "stopped by SIGTERM; resume with --ckpt_path last", 143
+    else:
+        return None
+    print(f"ml-playground: {line}", file=sys.stderr)
+    return code

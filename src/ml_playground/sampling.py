@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from ml_playground.checkpoint_files import (
     SECTION,
@@ -15,12 +16,27 @@ from ml_playground.checkpoint_files import (
     load_checkpoint,
     read_checkpoint,
 )
-from ml_playground.configuration.schema import ExperimentConfig, SampleConfig
 from ml_playground.errors import CheckpointError, SamplingError
 from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
 from ml_playground.prepare import Tokenizer, read_meta, tokenizer_from_meta
+from ml_playground.settings import PROMPT_FILE_PREFIX, CheckpointRef, OptionalPath, Prompt, Section
 
-PROMPT_FILE_PREFIX = "FILE:"
+
+class SampleConfig(Section):
+    """How `sample` generates text."""
+
+    ckpt: CheckpointRef = Field(description='"best", "last" or a checkpoint file')
+    prompt: Prompt = Field(description='text to continue, or "FILE:path" to read it from a file')
+    num_samples: int = Field(description="samples generated together in one batch", gt=0)
+    max_new_tokens: int = Field(description="tokens generated per sample", gt=0)
+    temperature: float = Field(description="softmax temperature; 0 means greedy", ge=0.0)
+    top_k: int = Field(description="sample among the k likeliest tokens; 0 disables", ge=0)
+    top_p: float = Field(description="nucleus sampling mass; 1.0 disables", gt=0.0, le=1.0)
+    seed: int = Field(description="random seed of the sampler")
+    output: OptionalPath = Field(
+        description='also write the samples to this file ("" : only print them); relative '
+        "paths resolve against the config file"
+    )
 
 
 def read_prompt(prompt: str) -> str:
@@ -132,12 +148,13 @@ def from_nanogpt(
     return {"state_dict": weights, SECTION: {"model_args": model_args, "meta": meta}}, meta
 
 
-def sample(cfg: ExperimentConfig) -> tuple[Path, list[str]]:
-    """Resolve `sample.ckpt`, load it, and generate `sample.num_samples` texts."""
-    path = find_checkpoint(cfg.checkpointing.dirpath, cfg.sample.ckpt)
+def sample(settings: SampleConfig, dirpath: Path, dataset_dir: Path) -> tuple[Path, list[str]]:
+    """Resolve `sample.ckpt` (in the checkpoint folder `dirpath`), load it, and generate
+    `sample.num_samples` texts; a nanoGPT checkpoint's meta.pkl is read from `dataset_dir`."""
+    path = find_checkpoint(dirpath, settings.ckpt)
     raw = read_checkpoint(path)
     if is_nanogpt_checkpoint(raw):
-        checkpoint, meta = from_nanogpt(path, raw, cfg.data.dataset_dir)
+        checkpoint, meta = from_nanogpt(path, raw, dataset_dir)
     else:
         checkpoint = load_checkpoint(path)
         meta = checkpoint[SECTION]["meta"]
@@ -148,4 +165,4 @@ def sample(cfg: ExperimentConfig) -> tuple[Path, list[str]]:
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.vocab_size}"
         )
-    return path, generate_text(model, tokenizer, cfg.sample)
+    return path, generate_text(model, tokenizer, settings)

@@ -86,6 +86,39 @@ class ReportValidation(pl.Callback):
         self._since = (trainer.global_step, time.perf_counter())
 
 
+class PlaygroundTrainer(pl.Trainer):
+    """Lightning's Trainer. LightningCLI takes each command's options and help from the Trainer
+    method of that name; `prepare`, `sample` and `loop` are carried out by the CLI
+    (`cli.PlaygroundCLI`), which has the configuration they need."""
+
+    train = pl.Trainer.fit
+
+    def prepare_command(self, force: bool = False) -> None:
+        """Download or read the corpus and write train.bin, val.bin and meta.pkl.
+
+        Args:
+            force: prepare again even if the artifacts exist
+        """
+        raise NotImplementedError("run `ml-playground prepare`")
+
+    def sample_command(self) -> None:
+        """Generate text from the checkpoint named by sample.ckpt."""
+        raise NotImplementedError("run `ml-playground sample`")
+
+    def loop_command(self, ckpt_path: str | None = None, force: bool = False) -> None:
+        """Prepare (skipped when done), fit, then sample.
+
+        Args:
+            ckpt_path: checkpoint to resume from: last, best or a file
+            force: prepare again even if the artifacts exist
+        """
+        raise NotImplementedError("run `ml-playground loop`")
+
+    # jsonargparse names a method's group after its __name__: "prepare" and "sample" would
+    # collide with the [prepare] and [sample] sections.
+    prepare, sample, loop = prepare_command, sample_command, loop_command
+
+
 @dataclass
 class RunResult:
     """What a `fit` or `validate` run leaves behind, for the closing report."""
@@ -352,3 +385,10 @@ def _result(trainer: pl.Trainer, cfg: ExperimentConfig) -> RunResult:
             for cb in trainer.callbacks  # type: ignore[attr-defined]
         ),
     )
+
+
+def end_distributed() -> None:
+    """Close a DDP process group while Python can still join its threads: left to interpreter
+    shutdown, gloo's threads abort the process ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -383,6 +383,19 @@ def error_cases(folder: Path, trained: Trained) -> dict[str, ErrorCase]:
             exit_code=None,
         ),
         "missing_config": ErrorCase(("fit", "--config", "nope.toml"), ("nope.toml",)),
+        "bad_flag_value": ErrorCase(
+            ("fit", "--config", exp, "--trainer.max_steps", "abc"),
+            ("command line: trainer.max_steps", "abc"),
+        ),
+        "bad_env_trainer_value": ErrorCase(
+            ("fit", "--config", exp),
+            (f"{TRAIN_ENV}: trainer.max_steps", "abc"),
+            env={TRAIN_ENV: '{"trainer": {"max_steps": "abc"}}'},
+        ),
+        "bad_file_value_with_flags": ErrorCase(
+            ("fit", "--config", "wrong_type.toml", "--trainer.max_steps", "5"),
+            ("wrong_type.toml: model.n_layer",),
+        ),
         "non_utf8_config": ErrorCase(("fit", "--config", "latin1.toml"), ("latin1.toml", "UTF-8")),
     }
 
@@ -404,6 +417,9 @@ ERROR_NAMES = (
     "truncated_checkpoint",
     "missing_config",
     "non_utf8_config",
+    "bad_flag_value",
+    "bad_env_trainer_value",
+    "bad_file_value_with_flags",
 )
 
 

@@ -1,17 +1,8 @@
-"""Configuration: the schema of an experiment and the one loader that merges and validates it."""
+"""Configuration: the whole-experiment schema and what the command line adds to jsonargparse."""
 
+from ml_playground.configuration.loading import load_config as load_config
+from ml_playground.configuration.loading import load_experiment_toml as load_experiment_toml
 from ml_playground.configuration.loading import (
-    dump_toml,
-    load_config,
-    load_experiment_toml,
-    load_full_experiment_config,
+    load_full_experiment_config as load_full_experiment_config,
 )
-from ml_playground.configuration.schema import ExperimentConfig
-
-__all__ = [
-    "ExperimentConfig",
-    "dump_toml",
-    "load_config",
-    "load_experiment_toml",
-    "load_full_experiment_config",
-]
+from ml_playground.configuration.schema import ExperimentConfig as ExperimentConfig

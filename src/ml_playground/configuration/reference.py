@@ -25,41 +25,22 @@ file sets only what differs. Relative paths in a file resolve against that file'
 """
 
 
-def _default(defaults: dict[str, Any], dotted: str) -> str:
-    node: Any = defaults
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return ""
-        node = node[part]
-    return f"`{json.dumps(node, ensure_ascii=False)}`"
-
-
-def _rows(model: type[BaseModel], prefix: str, defaults: dict[str, Any]) -> list[str]:
-    rows = []
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            continue
-        if name == "trainer":
-            continue
-        dotted = f"{prefix}{name}"
-        text = (info.description or "").replace("|", "\\|")
-        rows.append(f"| `{name}` | {text} | {_default(defaults, dotted)} |")
-    return rows
-
-
-def _section(
-    title: str, model: type[BaseModel], prefix: str, defaults: dict[str, Any]
-) -> list[str]:
+def _section(title: str, model: type[BaseModel], prefix: str, defaults: Any) -> list[str]:
+    """One table per section (nested sections follow), each key with its packaged default."""
     doc = (model.__doc__ or "").strip().splitlines()[0]
     lines = [f"## {title}", "", doc, "", "| key | meaning | default |", "|---|---|---|"]
-    lines += _rows(model, prefix, defaults)
-    lines.append("")
+    nested = []
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines += _section(f"[{prefix}{name}]", annotation, f"{prefix}{name}.", defaults)
-    return lines
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            nested += _section(f"[{prefix}{name}]", kind, f"{prefix}{name}.", defaults.get(name))
+        elif name != "trainer":
+            value = (
+                f"`{json.dumps(defaults[name], ensure_ascii=False)}`" if name in defaults else ""
+            )
+            text = (info.description or "").replace("|", r"\|")
+            lines.append(f"| `{name}` | {text} | {value} |")
+    return [*lines, "", *nested]
 
 
 def render() -> str:

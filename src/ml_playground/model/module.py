@@ -8,16 +8,77 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from ml_playground.configuration.schema import ModelConfig
 from ml_playground.errors import TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
+from ml_playground.settings import Section
+
+
+class ModelConfig(Section):
+    """The GPT's shape, its optimizer and learning-rate schedule."""
+
+    n_layer: int = Field(description="transformer blocks", gt=0)
+    n_head: int = Field(description="attention heads per block", gt=0)
+    n_embd: int = Field(description="embedding width (a multiple of n_head)", gt=0)
+    block_size: int = Field(description="context length the model supports", gt=0)
+    vocab_multiple_of: int = Field(
+        description="round the vocabulary (from meta.pkl) up to a multiple of this for faster "
+        "matmuls (GPT-2: 64 gives 50304); sampling never picks the padding tokens",
+        gt=0,
+    )
+    dropout: float = Field(
+        description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0
+    )
+    bias: bool = Field(description="biases in Linear and LayerNorm layers (GPT-2: true)")
+    learning_rate: float = Field(description="peak learning rate of AdamW", gt=0.0)
+    min_lr: float = Field(description="learning rate at the end of the cosine decay", ge=0.0)
+    warmup_steps: int = Field(description="optimizer steps of linear warmup", ge=0)
+    lr_decay_steps: int = Field(
+        description="optimizer step at which the cosine decay reaches min_lr", gt=0
+    )
+    weight_decay: float = Field(description="AdamW weight decay (matrices only)", ge=0.0)
+    beta1: float = Field(description="AdamW beta1", gt=0.0, lt=1.0)
+    beta2: float = Field(description="AdamW beta2", gt=0.0, lt=1.0)
+    compile: bool = Field(description="wrap the model in torch.compile")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field(
+        description="torch.compile's mode when compile is true: reduce-overhead adds CUDA graphs "
+        "(fewer kernel launches, for small models on a GPU), max-autotune searches for faster "
+        "kernels (minutes of compilation)"
+    )
+    compile_scope: Literal["model", "blocks"] = Field(
+        description="what torch.compile wraps: the whole model, or each transformer block on "
+        "its own (identical blocks share one compilation: a faster start, about the same speed)"
+    )
+    ema_decay: float = Field(
+        description="keep an exponential moving average of the weights with this decay "
+        "(e.g. 0.999); validation, best checkpoints and sampling then use it; 0 disables",
+        ge=0.0,
+        lt=1.0,
+    )
+
+    @model_validator(mode="after")
+    def _check_shape_and_schedule(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.warmup_steps > self.lr_decay_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed "
+                f"lr_decay_steps ({self.lr_decay_steps})"
+            )
+        if self.min_lr > self.learning_rate:
+            raise ValueError(
+                f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
+            )
+        return self
 
 
 class WarmupCosine:

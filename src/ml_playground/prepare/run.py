@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from ml_playground.errors import ConfigError, DataError
 from ml_playground.prepare.artifacts import (
@@ -20,6 +23,46 @@ from ml_playground.prepare.artifacts import (
 from ml_playground.prepare.download import fetch, is_url
 from ml_playground.prepare.stream import DEFAULT_CHUNK_BYTES, prepare_corpus
 from ml_playground.prepare.tokenizers import TiktokenTokenizer, parse_tokenizer_spec
+from ml_playground.settings import Section, Source
+
+
+class PrepareConfig(Section):
+    """How `prepare` turns a raw corpus into train.bin / val.bin / meta.pkl."""
+
+    source: Source = Field(
+        description="the raw corpus: a URL (downloaded once into the cache), a UTF-8 file, a "
+        "folder (every *.txt below it, sorted) or a glob pattern; relative paths resolve "
+        "against the config file"
+    )
+    source_sha256: str = Field(
+        description='expected sha256 of the raw corpus; "" skips the check',
+        pattern=r"^([0-9a-f]{64})?$",
+    )
+    tokenizer: str = Field(
+        description='"char" (one token per character) or "tiktoken:<encoding>", e.g. tiktoken:gpt2',
+        pattern=r"^(char|tiktoken:[A-Za-z0-9_.-]+)$",
+    )
+    val_fraction: float = Field(
+        description="share of the corpus held out for validation: the last part of the text "
+        '(split "contiguous") or of the documents (split "documents")',
+        gt=0.0,
+        lt=1.0,
+    )
+    split: Literal["contiguous", "documents"] = Field(
+        description="\"contiguous\": nanoGPT's split, the text's last val_fraction validates; "
+        '"documents": a random val_fraction of the documents (seeded by seed_everything)'
+    )
+    document_separator: str = Field(
+        description='what separates documents inside a file ("" : each file is one document); '
+        "with BPE, documents are joined by the end-of-text token"
+    )
+    chunk_bytes: int = Field(
+        description="bytes read and tokenized at a time (prepare streams: memory stays bounded)",
+        gt=0,
+    )
+    num_threads: int = Field(
+        description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
+    )
 
 
 def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:

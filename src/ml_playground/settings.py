@@ -1,0 +1,114 @@
+"""The base of every settings section, and the path values sections hold.
+
+Each section is a strict Pydantic model that lives beside the class it configures
+(`ModelConfig` in `model/module.py`, `DataConfig` in `data.py`, ...); LightningCLI reads them as
+that class's init arguments. Defaults are not written in them: `default.toml` holds them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import PosixPath
+from typing import Any
+
+from jsonargparse.typing import register_type
+from pydantic import BaseModel, ConfigDict
+from pydantic_core import core_schema
+
+CKPT_ALIASES = ("best", "last")
+PROMPT_FILE_PREFIX = "FILE:"
+
+
+class Section(BaseModel):
+    """Strict, closed, immutable: a typo or a wrong type is an error, never ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- path values
+# jsonargparse parses a config file with that file's folder as the working directory, so a
+# value anchored (made absolute) when it is parsed resolves against the file that holds it;
+# flags and environment overrides resolve against the real working directory.
+
+
+def anchor(value: object) -> str:
+    """An absolute path: relative ones are taken from the current working directory."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"expected a path, got {value!r}")
+    text = os.fspath(value)
+    if not text or "\0" in text:
+        raise ValueError(f"not a usable path: {text!r}")
+    try:
+        return os.path.abspath(os.path.expanduser(text))
+    except RuntimeError:  # ~name of an unknown user
+        raise ValueError(f"cannot expand {text!r}: unknown user; write the full path") from None
+
+
+class _Anchored:
+    """A value type whose text is anchored when parsed; registered with jsonargparse and
+    accepted by the strict Pydantic models (as text or, for paths, a path)."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            lambda v: v if isinstance(v, cls) else cls.parse(v),
+            serialization=core_schema.to_string_ser_schema(),
+        )
+
+    @classmethod
+    def register(cls) -> None:
+        register_type(cls, serializer=str, deserializer=cls.parse)
+
+
+class AnchoredPath(_Anchored, PosixPath):
+    """A folder or file; relative to the config file that names it."""
+
+    @classmethod
+    def parse(cls, value: Any) -> AnchoredPath:
+        return cls(anchor(value))
+
+
+class Source(_Anchored, str):
+    """A corpus: an http(s) URL as it is, otherwise a path."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Source:
+        from ml_playground.prepare.download import is_url  # the one URL test
+
+        return cls(value if isinstance(value, str) and is_url(value) else anchor(value))
+
+
+class CheckpointRef(_Anchored, str):
+    """`best`, `last` or a checkpoint file."""
+
+    @classmethod
+    def parse(cls, value: Any) -> CheckpointRef:
+        return cls(value if value in CKPT_ALIASES else anchor(value))
+
+
+class Prompt(_Anchored, str):
+    """Text, or `FILE:path` with the path anchored."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Prompt:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r}")
+        if value.startswith(PROMPT_FILE_PREFIX):
+            return cls(PROMPT_FILE_PREFIX + anchor(value[len(PROMPT_FILE_PREFIX) :]))
+        return cls(value)
+
+
+class OptionalPath(_Anchored, str):
+    """A file, or "" for none."""
+
+    @classmethod
+    def parse(cls, value: Any) -> OptionalPath:
+        return cls("" if value == "" else anchor(value))
+
+
+for _type in (AnchoredPath, Source, CheckpointRef, Prompt, OptionalPath):
+    _type.register()
