@@ -38,10 +38,10 @@ def anchor(value: object) -> str:
     text = os.fspath(value)
     if not text or "\0" in text:
         raise ValueError(f"not a usable path: {text!r}")
-    try:
-        return os.path.abspath(os.path.expanduser(text))
-    except RuntimeError:  # ~name of an unknown user
-        raise ValueError(f"cannot expand {text!r}: unknown user; write the full path") from None
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):  # ~name of a user this machine does not know
+        raise ValueError(f"cannot expand {text!r}: unknown user; write the full path")
+    return os.path.abspath(expanded)
 
 
 class _Anchored:

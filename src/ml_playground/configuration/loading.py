@@ -48,7 +48,7 @@ def read_toml(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         problem = "config file not found"
     except UnicodeDecodeError as exc:
-        problem = f"not valid UTF-8 at byte {exc.start}; save it as UTF-8"
+        problem = f"not valid UTF-8 at byte {exc.start}; save the file as UTF-8"
     except OSError as exc:
         problem = f"cannot read config file ({exc.strerror})"
     except tomllib.TOMLDecodeError as exc:
@@ -221,7 +221,8 @@ def _classes(text: str) -> str:
     text = re.sub(
         r"Expected a <class '(\w+)'>", lambda k: f"expected {names.get(k[1], k[1])}", text
     )
-    return re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("typing.", "")
+    return text.replace("NoneType", NULL)
 
 
 def describe_parse_error(request: Request, message: str) -> str:
@@ -241,7 +242,8 @@ def describe_parse_error(request: Request, message: str) -> str:
         got = got or re.findall(r"Got value: (.*)$", m[2], re.M)
         noise = r"\d+ validation errors? for|For further|Given value"
         lines = [line.split(". Got value")[0] for line in lines if not re.match(noise, line)]
-        text = re.sub(r"\s*\[type=.*$", "", _classes(lines[0] if lines else "invalid value"))
+        first = _classes(lines[0] if lines else "invalid value")
+        text = re.sub(r"\s*\[type=.*$|^Not of type \w+: ", "", first)
         if "Does not validate against any of the" in text:
             kinds = next((line for line in lines if line.startswith("Subtypes:")), ":")
             text = f"fits none of the accepted types {_classes(kinds.partition(':')[2].strip())}"
