@@ -89,6 +89,13 @@ class PlaygroundCLI(LightningCLI):
 
     # ----------------------------------------------------------------- the parser
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        options = parser._option_string_actions
+        options["--config"].help = "an experiment TOML file; repeatable, later files win"
+        options["--print_config"].help = "print the validated configuration as TOML and exit"
+        return parser
+
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(
             self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
@@ -110,7 +117,7 @@ class PlaygroundCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         # Not default_config_files: jsonargparse would anchor the defaults' relative paths at
         # the package's folder instead of the working directory.
-        parser.set_defaults(_flat(packaged_defaults()))
+        parser.set_defaults({k: None if v == NULL else v for k, v in leaves(packaged_defaults())})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = list(sys.argv[1:] if args is None else args)
@@ -140,24 +147,21 @@ class PlaygroundCLI(LightningCLI):
         for key in LINK_TARGETS:
             data.pop(key, None)
         experiment = validate(request, {k: v for k, v in data.as_dict().items() if k in SECTIONS})
-        # The classes get, and the saved config shows, the validated values (absolute paths,
-        # "{experiment}" replaced).
-        for key, value in _flat(experiment.model_dump(exclude={"trainer"})).items():
+        # The classes get, and the config saved shows, the validated values (absolute paths).
+        for key, value in leaves(experiment.model_dump(exclude={"trainer"})):
             ns[key] = value
         return experiment
 
     def resolved_toml(self) -> str:
         """The experiment as TOML that `--config` reads back (printed, saved, checkpointed)."""
         ns = self.config[self.subcommand] if self.subcommand else self.config
-        text = self._parser(self.subcommand).dump(
-            ns, format="json", skip_none=False, skip_validation=True
-        )
-        return dump_toml({k: v for k, v in json.loads(text).items() if k in SECTIONS})
+        dump = self._parser(self.subcommand).dump
+        text = dump(ns, format="json", skip_none=False, skip_validation=True)
+        return dump_toml({k: data[k] for data in [json.loads(text)] for k in SECTIONS if k in data})
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would apply a `--ckpt_path FILE`'s saved hyperparameters over the config
-        and the flags. Here the configuration decides; a checkpoint that does not fit it is an
-        error (`training.check_resume`)."""
+        and flags; here the config decides (a checkpoint that does not fit it is an error)."""
 
     # ----------------------------------------------------------------- building the run
 
@@ -204,32 +208,27 @@ class PlaygroundCLI(LightningCLI):
             kwargs["logger"] = training.default_logger(self.experiment)
         return super().instantiate_trainer(**kwargs)
 
+    def parts(self) -> tuple[Trainer, GPTLightningModule, GPTDataModule, ExperimentConfig]:
+        return self.trainer, self.model, self.datamodule, self.experiment
+
     # ----------------------------------------------------------------- the commands
 
     def _run_subcommand(self, subcommand: str) -> None:
         if self.request.print_config:
             print(self.resolved_toml(), end="")
             return
-        args, cfg = self.config[subcommand], self.experiment
+        args = self.config[subcommand]
         if subcommand in ("prepare", "loop"):
-            commands.prepare(cfg, force=args.force)
+            commands.prepare(self.experiment, force=args.force)
         if subcommand == "loop":
             self.resume = self.resolve_resume(args.ckpt_path)
             self.build()
         if subcommand in ("fit", "train", "loop"):
-            run = (self.trainer, self.model, self.datamodule, cfg)
-            self.result = commands.fit(*run, self.resume, self.lock)
+            self.result = commands.fit(*self.parts(), self.resume, self.lock)
         elif subcommand == "validate" and self.resume is not None:
-            self.result = commands.validate(
-                self.trainer, self.model, self.datamodule, cfg, self.resume
-            )
+            self.result = commands.validate(*self.parts(), self.resume)
         if subcommand == "sample" or (subcommand == "loop" and self.trainer.is_global_zero):
             commands.sample(self.sample_experiment)  # sampling is rank 0's job
-
-
-def _flat(data: dict[str, Any]) -> dict[str, Any]:
-    """Nested tables as dotted keys; TOML's "null" as None."""
-    return {key: None if value == NULL else value for key, value in leaves(data)}
 
 
 def parse_only(argv: Sequence[str], env_vars: Sequence[str] = ()) -> ExperimentConfig:

@@ -15,14 +15,7 @@ from ml_playground.model.module import GPTLightningModule
 
 SEPARATOR = "-" * 40
 DEBUG_ENV = "ML_PLAYGROUND_DEBUG"
-COMMANDS = {
-    "prepare": "Download or read the corpus and write train.bin, val.bin and meta.pkl.",
-    "fit": "Train a GPT (resume with --ckpt_path last|best|FILE).",
-    "train": "The same as fit.",
-    "validate": "Evaluate a checkpoint (--ckpt_path, default best) on the validation windows.",
-    "sample": "Generate text from the checkpoint named by sample.ckpt.",
-    "loop": "Prepare (skipped when done), fit, then sample.",
-}
+COMMANDS = ("prepare", "fit", "train", "validate", "sample", "loop")  # their help: the Trainer's
 ENV_OF = {  # the override variables each command reads
     "prepare": [],
     "fit": [TRAIN_OVERRIDES_ENV],
@@ -42,7 +35,7 @@ HELP = {  # LightningCLI's parser_kwargs: the main parser's, then each command's
     "description": "nanoGPT's prepare -> fit -> sample as a Lightning app, configured by TOML. "
     "`ml-playground COMMAND --help` lists every setting.",
     "epilog": EPILOG,
-    **{name: {"description": text, "epilog": EPILOG} for name, text in COMMANDS.items()},
+    **{name: {"epilog": EPILOG} for name in COMMANDS},
 }
 
 

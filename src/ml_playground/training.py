@@ -91,7 +91,39 @@ class PlaygroundTrainer(pl.Trainer):
     method of that name; `prepare`, `sample` and `loop` are carried out by the CLI
     (`cli.PlaygroundCLI`), which has the configuration they need."""
 
-    train = pl.Trainer.fit
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Train a GPT; resume with --ckpt_path.
+
+        Args:
+            ckpt_path: checkpoint to resume from: last, best or a checkpoint file
+        """
+        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+
+    train = fit
+
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+    ) -> Any:
+        """Evaluate a checkpoint on the fixed validation windows.
+
+        Args:
+            ckpt_path: the checkpoint to evaluate: best (the default), last or a checkpoint file
+        """
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def prepare_command(self, force: bool = False) -> None:
         """Download or read the corpus and write train.bin, val.bin and meta.pkl.

@@ -127,7 +127,7 @@ def arrange(argv: Sequence[str], command: str | None, variables: Sequence[str]) 
                 raise ConfigError("--config: missing file name")
             request.record(path, read_toml(path))
             request.argv += ["--config", path]
-        elif arg == "--print_config":
+        elif arg.partition("=")[0] == "--print_config":  # after validation, as TOML
             request.print_config = True
         elif arg == "--force" and (not rest or rest[0].startswith("--")):
             flags.append("--force=true")  # jsonargparse's booleans take a value
