@@ -185,6 +185,23 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
     return run
 
 
+@pytest.fixture(scope="session")
+def batch_trace() -> Callable[[Path], tuple[list[str], dict[str, str]]]:
+    """`batch_trace(folder)`: the flags and environment that add tests/e2e/batch_trace.py's
+    callback to a CLI run (every rank logs its training batches into `folder`)."""
+
+    def make(folder: Path) -> tuple[list[str], dict[str, str]]:
+        folder.mkdir(parents=True, exist_ok=True)
+        flags = [
+            "--trainer.callbacks+=batch_trace.BatchTrace",
+            f"--trainer.callbacks.folder={folder}",
+        ]
+        paths = [str(Path(__file__).parent / "e2e"), os.environ.get("PYTHONPATH", "")]
+        return flags, {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+    return make
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path, cli: Cli) -> Cli:
     """`run_cli(*args, env=None, cwd=None, check=True)`: the CLI, run in tmp_path by default."""

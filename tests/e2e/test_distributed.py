@@ -34,13 +34,14 @@ def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_ddp_two_processes_different_batches_rank0_writes(tmp_path, make_experiment, cli) -> None:
+def test_ddp_two_processes_different_batches_rank0_writes(
+    tmp_path, make_experiment, cli, batch_trace
+) -> None:
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
     trace = tmp_path / "trace"
-    trace.mkdir()
-    result = cli("fit", "--config", config, *DDP, cwd=tmp_path,
-                 env={"ML_PLAYGROUND_TRACE_BATCHES": str(trace)})  # fmt: skip
+    flags, env = batch_trace(trace)  # a callback added by flag, as a user adds one
+    result = cli("fit", "--config", config, *DDP, *flags, cwd=tmp_path, env=env)
     ckpt = tmp_path / "ckpt"
     # keep.last 2 (every 5 steps), keep.best 1, validation at 10 and 20; nothing else.
     assert [n for n in names(ckpt) if n.startswith("ckpt_last")] == [

@@ -258,16 +258,15 @@ def test_ema_checkpoint_resumed_without_ema_goes_on_from_the_raw_weights(
 
 
 def test_resume_with_another_accumulation_neither_replays_nor_skips_data(
-    tmp_path: Path, make_experiment, cli
+    tmp_path: Path, make_experiment, cli, batch_trace
 ) -> None:
     """4 steps x 2 micro-batches draw batches 0-7; resumed with accumulation 1, steps 5 and 6
     must train on batches 8 and 9 (not 4 and 5 again), and the next checkpoint says 10."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
     trace = tmp_path / "trace"
-    trace.mkdir()
-    env = {"ML_PLAYGROUND_TRACE_BATCHES": str(trace)}
-    every = ("--checkpointing.every_n_steps", "2", "--trainer.val_check_interval", "20")
+    flags, env = batch_trace(trace)
+    every = ("--checkpointing.every_n_steps", "2", "--trainer.val_check_interval", "20", *flags)
     cli("fit", "--config", config, *every, "--trainer.accumulate_grad_batches", "2",
         "--trainer.max_steps", "4", cwd=tmp_path, env=env)  # fmt: skip
     cli("fit", "--config", config, *every, "--trainer.max_steps", "6", "--ckpt_path", "last",

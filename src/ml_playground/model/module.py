@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -97,9 +96,6 @@ class WarmupCosine:
         return (self.min_lr + cosine * (self.lr - self.min_lr)) / self.lr
 
 
-TRACE_ENV = "ML_PLAYGROUND_TRACE_BATCHES"  # a folder: each rank appends its batch checksums
-
-
 def _log_interval(trainer: pl.Trainer) -> int:
     # Set by Lightning's logger connector at Trainer init; not a declared attribute.
     return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
@@ -141,7 +137,6 @@ class GPTLightningModule(pl.LightningModule):
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters({"model": config.model_dump(), "vocab_size": vocab_size})
-        self._trace: Path | None = None
         self._mark: tuple[int, float] | None = None  # (step, time) of the last log step
         self._peak_flops: float | None = None
 
@@ -162,14 +157,9 @@ class GPTLightningModule(pl.LightningModule):
         if self.device.type == "cpu" and trainer.num_devices > 1:
             # Several processes share the cores: more threads than cores only thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
-        folder = os.environ.get(TRACE_ENV)
-        self._trace = Path(folder) / f"batches-rank{trainer.global_rank}.txt" if folder else None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
-        if self._trace is not None:  # diagnostics: which windows each rank trained on
-            with self._trace.open("a") as handle:
-                handle.write(f"{self.trainer.global_step} {int(x.sum())} {int(x[:, 0].sum())}\n")
         _, loss = self.model(x, y)
         if (self.trainer.global_step + 1) % _log_interval(self.trainer) == 0:
             # Only on the steps Lightning writes out: self.log costs ~1 ms per call on a CPU.
