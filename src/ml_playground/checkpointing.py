@@ -9,7 +9,6 @@ files and only right after writing one.
 from __future__ import annotations
 
 import math
-import os
 import random
 import warnings
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from ml_playground.checkpoint_files import (
     managed_files,
 )
 from ml_playground.errors import CheckpointError, ConfigError, TrainingError
+from ml_playground.files import atomic_file
 from ml_playground.settings import AnchoredPath, Section
 
 
@@ -68,15 +68,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as handle:
+            with atomic_file(path) as handle:
                 torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
             cause = _os_error(exc)
             if cause is None:
                 raise
@@ -86,7 +81,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"file was left and the checkpoints already in {path.parent} are intact; "
                 "free some space and resume with --ckpt_path last"
             ) from None
-        _fsync_dir(path.parent)
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -97,17 +91,6 @@ def _os_error(exc: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RetentionWindows:

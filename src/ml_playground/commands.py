@@ -11,6 +11,7 @@ from ml_playground import training
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
+from ml_playground.files import write_atomic
 from ml_playground.model.module import GPTLightningModule
 
 SEPARATOR = "-" * 40
@@ -120,9 +121,7 @@ def sample(cfg: ExperimentConfig) -> None:
     if cfg.sample.output:
         output = Path(cfg.sample.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(report, encoding="utf-8")
-        tmp.replace(output)
+        write_atomic(output, report)
         print(f"samples written to {output}", file=sys.stderr)
 
 

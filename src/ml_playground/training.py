@@ -28,6 +28,7 @@ from ml_playground.checkpointing import AtomicCheckpointIO, GPTCheckpoint
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.files import write_atomic
 from ml_playground.model.module import GPTLightningModule
 from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
 
@@ -48,10 +49,7 @@ class SaveResolvedConfig(SaveConfigCallback):
             return
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / CONFIG_FILENAME
-        tmp = path.with_suffix(".toml.tmp")
-        tmp.write_text(checkpoint.extras.config_toml, encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(folder / CONFIG_FILENAME, checkpoint.extras.config_toml)
 
 
 class ReportValidation(pl.Callback):

@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from ml_playground.errors import ConfigError, DataError
+from ml_playground.files import fsync_dir, sync_and_close, temporary_name, write_atomic
 
 if TYPE_CHECKING:
     from ml_playground.prepare.tokenizers import Tokenizer
@@ -25,38 +26,6 @@ VAL_FILE = "val.bin"
 META_FILE = "meta.pkl"
 MIN_SPLIT_TOKENS = 2  # one (input, target) pair
 _DTYPES = ("uint16", "uint32")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside ``folder`` durable; not possible on every platform/filesystem."""
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -114,7 +83,7 @@ class TokenFile:
     def __init__(self, path: Path, split: str, dtype: str, vocab_size: int) -> None:
         self.path, self.split = path, split
         self.dtype, self.vocab_size = np.dtype(dtype), vocab_size
-        self.tmp = _tmp_name(path)
+        self.tmp = temporary_name(path)
         self.count = 0
         self._file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
 
@@ -141,9 +110,7 @@ class TokenFile:
     def finish(self) -> None:
         """Flush and fsync the temporary file (the rename comes later, in ``commit``)."""
         assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        sync_and_close(self._file)
         self._file = None
 
     def abort(self) -> None:
@@ -208,11 +175,11 @@ class ArtifactWriter:
         # marker, so a crash between the renames never pairs old meta with new bins, and a
         # failure before this point leaves the earlier artifacts as they were.
         (self.out_dir / META_FILE).unlink(missing_ok=True)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         for f in self._files:
             os.replace(f.tmp, f.path)
-        _fsync_dir(self.out_dir)
-        _atomic_write(self.out_dir / META_FILE, lambda fh: fh.write(payload))
+        fsync_dir(self.out_dir)
+        write_atomic(self.out_dir / META_FILE, payload)
         self._files.clear()
         return full
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from ml_playground.errors import ConfigError, DataError
+from ml_playground.files import atomic_file
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -68,17 +69,14 @@ def _check(path: Path, expected: str | None, fix: str) -> None:
 
 def _download(url: str, dest: Path, expected: str | None, timeout: float) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "ml-playground"})
-    try:
+    with atomic_file(dest) as f:  # cached only once whole and checked
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as f:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 while chunk := resp.read(_CHUNK):
                     digest.update(chunk)
                     f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise DataError(
@@ -91,9 +89,6 @@ def _download(url: str, dest: Path, expected: str | None, timeout: float) -> Non
                 f"sha256 mismatch for download of {url}: expected {expected}, got {actual}; "
                 "the file was not cached - check the URL and prepare.source_sha256"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fetch(source: str | Path, sha256: str | None, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
