@@ -31,6 +31,14 @@ from ml_playground.prepare.stream import Progress, cut_pieces
 EOT = "<|endoftext|>"
 
 
+def data_module(folder: Path, batch_size: int, block_size: int) -> GPTDataModule:
+    """The data module over `folder`, one validation batch, loading in-process."""
+    settings = {"val_batches": 1, "num_workers": 0, "pin_memory": False}
+    return GPTDataModule(
+        dataset_dir=folder, batch_size=batch_size, block_size=block_size, seed=0, **settings
+    )
+
+
 def tiny_encoding(eot_id: int = 265) -> tiktoken.Encoding:
     """A byte-level BPE with GPT-2's pre-tokenizer and a few merges; built here, no network."""
     ranks = {bytes([i]): i for i in range(256)}
@@ -259,15 +267,7 @@ def test_uint32_when_the_vocabulary_exceeds_uint16(tmp_path: Path) -> None:
     train = ids(tmp_path / "ds", "train")
     assert 69_999 in train
     assert (tmp_path / "ds" / "train.bin").stat().st_size == 4 * len(train)
-    dm = GPTDataModule(
-        dataset_dir=tmp_path / "ds",
-        batch_size=64,
-        block_size=8,
-        val_batches=1,
-        seed=0,
-        num_workers=0,
-        pin_memory=False,
-    )
+    dm = data_module(tmp_path / "ds", batch_size=64, block_size=8)
     assert dm.dtype == "uint32" and dm.vocab_size == 70_000
     x, y = next(iter(dm.train_dataloader()))
     assert int(torch_max(x, y)) == 69_999
@@ -282,15 +282,7 @@ def test_data_module_reads_a_fake_uint32_vocabulary(tmp_path: Path) -> None:
     val = np.tile(np.array([69_997, 2]), 16)
     meta = write_bin_and_meta(tmp_path, train, val, {"vocab_size": 70_000})
     assert meta["dtype"] == "uint32"
-    dm = GPTDataModule(
-        dataset_dir=tmp_path,
-        batch_size=2,
-        block_size=4,
-        val_batches=1,
-        seed=0,
-        num_workers=0,
-        pin_memory=False,
-    )
+    dm = data_module(tmp_path, batch_size=2, block_size=4)
     x, y, _ = next(iter(dm.val_dataloader()))
     assert set(x.flatten().tolist()) | set(y.flatten().tolist()) == {69_997, 2}
     x, _ = next(iter(dm.train_dataloader()))
@@ -306,15 +298,7 @@ def test_nanogpt_folder_without_meta_is_gpt2(tmp_path: Path) -> None:
     require_artifacts(tmp_path)
     meta = dataset_meta(tmp_path)
     assert (meta["vocab_size"], meta["encoding"], meta["dtype"]) == (50257, "gpt2", "uint16")
-    dm = GPTDataModule(
-        dataset_dir=tmp_path,
-        batch_size=2,
-        block_size=8,
-        val_batches=1,
-        seed=0,
-        num_workers=0,
-        pin_memory=False,
-    )
+    dm = data_module(tmp_path, batch_size=2, block_size=8)
     assert dm.vocab_size == 50257
     # prepare leaves such a folder alone unless forced, and only for the GPT-2 tokenizer
     did, again = run_prepare("unused.txt", None, "tiktoken:gpt2", 0.1, tmp_path)

@@ -46,8 +46,7 @@ set_dumper("toml", dump_toml)
 
 
 class PlaygroundCLI(LightningCLI):
-    """`ml-playground COMMAND --config FILE ... [--section.key VALUE ...]`; from Python,
-    `PlaygroundCLI(["fit", "--config", path])`, or `run=False` to build the run only."""
+    """`ml-playground COMMAND --config FILE ...`; from Python `PlaygroundCLI(["fit", ...])`."""
 
     def __init__(
         self,
@@ -224,9 +223,11 @@ class PlaygroundCLI(LightningCLI):
             self.resume = self.resolve_resume(args.ckpt_path)
             self.build()
         if subcommand in ("fit", "train", "loop"):
-            self.result = commands.fit(*self.parts(), self.resume, self.lock)
+            self.result = training.fit(*self.parts(), self.resume, self.lock)
+            commands.report_fit(self.result, self.experiment)
         elif subcommand == "validate" and self.resume is not None:
-            self.result = commands.validate(*self.parts(), self.resume)
+            self.result = training.validate(*self.parts(), self.resume)
+            commands.report_validate(self.result)
         if subcommand == "sample" or (subcommand == "loop" and self.trainer.is_global_zero):
             commands.sample(self.sample_experiment)  # sampling is rank 0's job
 

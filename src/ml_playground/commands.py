@@ -5,14 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
-
 from ml_playground import training
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
-from ml_playground.data import GPTDataModule
 from ml_playground.files import write_atomic
-from ml_playground.model.module import GPTLightningModule
 
 SEPARATOR = "-" * 40
 DEBUG_ENV = "ML_PLAYGROUND_DEBUG"
@@ -68,17 +64,10 @@ def prepare(cfg: ExperimentConfig, force: bool) -> None:
         print(f"prepare: {where} is already prepared; skipped (--force prepares again)")
 
 
-def fit(
-    trainer: pl.Trainer,
-    module: GPTLightningModule,
-    datamodule: GPTDataModule,
-    cfg: ExperimentConfig,
-    resume: Path | None,
-    lock: training.FolderLock,
-) -> training.RunResult:
-    result = training.fit(trainer, module, datamodule, cfg, resume, lock)
+def report_fit(result: training.RunResult, cfg: ExperimentConfig) -> None:
+    """What `fit` prints at the end (rank 0): best metric and file, last file, logs."""
     if not result.is_global_zero:
-        return result
+        return
     print(SEPARATOR)
     if result.stopped_early:
         print(
@@ -94,21 +83,12 @@ def fit(
         print(f"logs: {result.log_dir}")
     if result.tensorboard_dir:
         print(f"tensorboard --logdir {result.tensorboard_dir}")
-    return result
 
 
-def validate(
-    trainer: pl.Trainer,
-    module: GPTLightningModule,
-    datamodule: GPTDataModule,
-    cfg: ExperimentConfig,
-    path: Path,
-) -> training.RunResult:
-    result = training.validate(trainer, module, datamodule, cfg, path)
+def report_validate(result: training.RunResult) -> None:
     if result.is_global_zero:
         for name, value in sorted(result.metrics.items()):
             print(f"{name}: {value:.4f}")
-    return result
 
 
 def sample(cfg: ExperimentConfig) -> None:
