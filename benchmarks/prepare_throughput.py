@@ -39,15 +39,19 @@ PUNCT = np.array([" ", " ", " ", " ", " ", " ", ", ", ". ", "; ", "! ", "? ", ".
 CHILD = """
 import json, os, resource, sys, time
 from pathlib import Path
-from ml_playground.prepare import TiktokenTokenizer, prepare_corpus
+from ml_playground.prepare import PrepareConfig, TiktokenTokenizer, prepare_corpus
 args = json.loads(sys.argv[1])
-tok = "char" if args["tokenizer"] == "char" else TiktokenTokenizer(args["tokenizer"])
+char = args["tokenizer"] == "char"
+tok = "char" if char else TiktokenTokenizer(args["tokenizer"])
 files = sorted(Path(args["corpus"]).glob("*.txt"))
+settings = PrepareConfig(
+    source=args["corpus"], source_sha256="", val_fraction=0.1, document_separator="",
+    tokenizer="char" if char else "tiktoken:" + args["tokenizer"], split=args["split"],
+    chunk_bytes=args["chunk_bytes"], num_threads=args["threads"])
 start = time.perf_counter()
 meta = {"train_tokens": 0, "val_tokens": 0}
 if not args["baseline"]:
-    meta = prepare_corpus(files, tok, Path(args["out"]), 0.1, split=args["split"],
-                          chunk_bytes=args["chunk_bytes"], num_threads=args["threads"])
+    meta = prepare_corpus(files, tok, Path(args["out"]), settings, seed=0)
 elapsed = time.perf_counter() - start
 print(json.dumps({"seconds": elapsed, "tokens": meta["train_tokens"] + meta["val_tokens"],
                   "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))

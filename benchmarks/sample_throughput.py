@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ml_playground.checkpoint_files import load_checkpoint
+from ml_playground.checkpoint_reading import load_checkpoint
 from ml_playground.configuration import load_config
 from ml_playground.model.gpt import GPT, GPTConfig
-from ml_playground.model.module import gpt_config
-from ml_playground.sampling import model_from_checkpoint, refresh_keep
+from ml_playground.module import gpt_config
+from ml_playground.sampling import model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def naive(model: GPT, prompt: torch.Tensor, samples: int, tokens: int, top_k: in
 
 
 def batched(model: GPT, prompt: torch.Tensor, samples: int, tokens: int, top_k: int) -> None:
-    keep = refresh_keep(model.config.block_size)  # what `ml-playground sample` uses
+    keep = model.default_refresh_keep()  # what `ml-playground sample` uses
     model.generate(
         prompt.repeat(samples, 1), tokens, temperature=0.8, top_k=top_k, refresh_keep=keep
     )

@@ -38,7 +38,7 @@ from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule, RandomWindows
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT
-from ml_playground.model.module import (
+from ml_playground.module import (
     GPTLightningModule,
     WarmupCosine,
     compile_gpt,
@@ -87,16 +87,10 @@ def write_random_data(folder: Path, vocab_size: int, tokens: int = 1 << 24) -> N
 def ensure_data(cfg: ExperimentConfig) -> None:
     if artifacts_ready(cfg.data.dataset_dir):
         return
-    source = cfg.prepare.source
-    if source.startswith("http") and SHARED_CORPUS.is_file():
-        source = str(SHARED_CORPUS)  # offline machines
-    run_prepare(
-        source,
-        cfg.prepare.source_sha256 or None,
-        cfg.prepare.tokenizer,
-        cfg.prepare.val_fraction,
-        cfg.data.dataset_dir,
-    )
+    settings = cfg.prepare
+    if settings.source.startswith("http") and SHARED_CORPUS.is_file():
+        settings = settings.model_copy(update={"source": str(SHARED_CORPUS)})  # offline machines
+    run_prepare(settings, cfg.data.dataset_dir, seed=cfg.seed_everything)
 
 
 def step_ms(stamps: list[float], warmup: int, on_gpu: bool) -> list[float]:

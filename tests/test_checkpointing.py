@@ -14,27 +14,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ml_playground.checkpoint_files import (
+from ml_playground.checkpoint_reading import (
     FORMAT_VERSION,
     SECTION,
-    best_name,
     check_compatible,
     find_checkpoint,
-    last_name,
     load_checkpoint,
 )
-from ml_playground.checkpointing import AtomicCheckpointIO
 from ml_playground.cli import PlaygroundCLI
+from ml_playground.configuration.loading import load_experiment_toml
 from ml_playground.errors import CheckpointError
-from ml_playground.prepare import prepare_char_corpus
-from ml_playground.training import RunResult
+from ml_playground.prepare import run_prepare
+from ml_playground.reporting import RunResult
 
 MAX_STEPS = 11
 EVERY_N_STEPS = 4  # last at 0, 4, 8 and (end of training) 11
 VAL_CHECK_INTERVAL = 3  # validations (best candidates) at 3, 6, 9
 LAST_RE = re.compile(r"ckpt_last_(\d{8})\.pt")
 BEST_RE = re.compile(r"ckpt_best_(\d{8})_val_loss=(\d+\.\d{4})\.pt")
+
+
+def last_name(step: int) -> str:
+    return f"ckpt_last_{step:08d}.pt"
+
+
+def best_name(step: int, value: float) -> str:
+    return f"ckpt_best_{step:08d}_val_loss={value:.4f}.pt"
 
 
 def names(folder: Path, kind: str) -> list[str]:
@@ -87,9 +94,8 @@ def _flag_text(value: object) -> str:
 def prepared(tmp_path_factory, make_experiment) -> Prepared:
     folder = tmp_path_factory.mktemp("prepared")
     config = make_experiment(folder)
-    prepare_char_corpus(
-        (folder / "corpus.txt").read_text(encoding="utf-8"), folder / "data", val_fraction=0.1
-    )
+    cfg = load_experiment_toml(config)
+    run_prepare(cfg.prepare, cfg.data.dataset_dir, seed=cfg.seed_everything)
     return Prepared(folder, config)
 
 
@@ -113,41 +119,21 @@ def reference(prepared: Prepared, tmp_path_factory) -> Reference:
 # --------------------------------------------------------------------------- names and lookup
 
 
-def test_last_name_is_zero_padded_step() -> None:
-    assert last_name(0) == "ckpt_last_00000000.pt"
-    assert last_name(2000) == "ckpt_last_00002000.pt"
-    assert LAST_RE.fullmatch(last_name(12345678))
-
-
-def test_best_name_carries_metric_and_value() -> None:
-    assert best_name(2000, "val/loss", 1.47271) == "ckpt_best_00002000_val_loss=1.4727.pt"
-    assert BEST_RE.fullmatch(best_name(7, "val/loss", 12.0))
-
-
-@pytest.mark.parametrize("metric", ["val/loss", "val loss", "a:b\\c*d?e", "../../x", "val/ppl"])
-def test_best_name_is_filename_safe(metric: str, tmp_path: Path) -> None:
-    name = best_name(3, metric, 0.5)
-    assert re.fullmatch(r"[A-Za-z0-9_.=-]+", name), name
-    assert name.startswith("ckpt_best_00000003_") and name.endswith("=0.5000.pt")
-    (tmp_path / name).write_bytes(b"")  # a plain file name in the folder, not a path below it
-    assert [p.name for p in tmp_path.iterdir()] == [name]
-
-
 def test_find_checkpoint_picks_highest_step(tmp_path: Path) -> None:
     for name in (
         last_name(9),
         last_name(100),
         last_name(10),
-        best_name(5, "val/loss", 2.0),
-        best_name(40, "val/loss", 1.5),
-        best_name(7, "val/loss", 1.9),
+        best_name(5, 2.0),
+        best_name(40, 1.5),
+        best_name(7, 1.9),
         "ckpt_last_latest.pt",  # not one of ours
         "ckpt_last_999999999.pt",
         "notes.txt",
     ):
         (tmp_path / name).write_bytes(b"")
     assert find_checkpoint(tmp_path, "last") == tmp_path / last_name(100)
-    assert find_checkpoint(tmp_path, "best") == tmp_path / best_name(40, "val/loss", 1.5)
+    assert find_checkpoint(tmp_path, "best") == tmp_path / best_name(40, 1.5)
     given = tmp_path / last_name(9)
     assert find_checkpoint(tmp_path, str(given)) == given
 
@@ -183,8 +169,9 @@ def test_last_checkpoint_carries_the_best_score_of_its_step(reference: Reference
     checkpoint = load_checkpoint(reference.ckpt / reference.last[-1])
     state = checkpoint["callbacks"]["GPTCheckpoint"]
     best_value = float(BEST_RE.fullmatch(reference.best[-1]).group(2))
-    assert state["best_score"] == pytest.approx(best_value, abs=5e-5)
-    assert state["best_step"] == int(BEST_RE.fullmatch(reference.best[-1]).group(1))
+    assert float(state["best_model_score"]) == pytest.approx(best_value, abs=5e-5)
+    assert Path(state["best_model_path"]).name == reference.best[-1]
+    assert [Path(p).name for p in state["last_k_models"]] == reference.last  # keep.last 100
 
 
 def test_truncated_checkpoint_is_a_checkpoint_error(reference: Reference, tmp_path: Path) -> None:
@@ -247,28 +234,6 @@ def test_check_compatible(reference: Reference) -> None:
         check_compatible(path, checkpoint, {**args, "vocab_size": 64}, vocab)
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def test_atomic_checkpoint_io_leaves_only_the_final_file(tmp_path: Path) -> None:
-    io = AtomicCheckpointIO()
-    path = tmp_path / "sub" / last_name(1)
-    io.save_checkpoint({"weights": torch.arange(4)}, path)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
-    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(4))
-
-
-def test_atomic_checkpoint_io_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
-    io = AtomicCheckpointIO()
-    path = tmp_path / last_name(1)
-    io.save_checkpoint({"weights": torch.ones(2)}, path)
-    before = path.read_bytes()
-    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
-        io.save_checkpoint({"weights": torch.zeros(2), "bad": lambda: None}, path)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
-    assert path.read_bytes() == before
-
-
 # --------------------------------------------------------------------------- rotation
 
 
@@ -282,13 +247,11 @@ def test_reference_run_writes_step_zero_every_n_and_final(reference: Reference) 
     assert values == sorted(values, reverse=True)  # each one improves on the one before
 
 
-@pytest.mark.parametrize(
-    ("keep_last", "keep_best"),
-    [(0, 0), (0, 2), (1, 0), (1, 1), (2, 1), (3, 2), (5, 5)],
-)
+@pytest.mark.parametrize(("keep_last", "keep_best"), [(0, 0), (2, 1)])
 def test_rotation_keeps_exactly_the_newest(
     keep_last: int, keep_best: int, prepared: Prepared, reference: Reference, tmp_path: Path
 ) -> None:
+    """Two real runs; tests/test_retention.py checks every keep / metric sequence."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     foreign = ["notes.txt", "ckpt_last_final.pt", "ckpt_best.pt", "model.pt"]
@@ -305,19 +268,44 @@ def test_rotation_keeps_exactly_the_newest(
 
     last = names(ckpt, "last")
     best = names(ckpt, "best")
-    assert len(last) == min(keep_last, len(reference.last))
-    assert len(best) == min(keep_best, len(reference.best))
     assert last == (reference.last[-keep_last:] if keep_last else [])
     assert best == (reference.best[-keep_best:] if keep_best else [])
-    if keep_last:
-        assert last[-1] == last_name(MAX_STEPS)
-        assert result.last_checkpoint == ckpt / last_name(MAX_STEPS)
-    if keep_last >= len(reference.last):
-        assert last[0] == last_name(0)  # written before the first step
+    assert result.last_checkpoint == (ckpt / last_name(MAX_STEPS) if keep_last else None)
     # Rotation touched nothing it does not manage, and left no temporary files.
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(foreign + last + best)
     for name in foreign:
         assert (ckpt / name).read_text(encoding="utf-8") == name
+
+
+def test_lightning_contract_after_a_real_fit(
+    prepared: Prepared, reference: Reference, tmp_path: Path
+) -> None:
+    """ModelCheckpoint's public attributes describe exactly the files kept, and Lightning's
+    own `ckpt_path="best"` resolution evaluates the best file."""
+    cli = PlaygroundCLI(
+        ["fit", *prepared.load(tmp_path, checkpointing__keep__last=2, checkpointing__keep__best=2)],
+        env_vars=(),
+    )
+    trainer = cli.trainer
+    callback = trainer.checkpoint_callback
+    assert isinstance(callback, ModelCheckpoint)
+    ckpt = tmp_path / "ckpt"
+    assert len(reference.best) >= 2, "the reference run improves at least twice"
+    kept_best = [str(ckpt / name) for name in reference.best[-2:]]
+    assert sorted(callback.best_k_models) == sorted(kept_best)
+    assert sorted(str(p) for p in ckpt.glob("ckpt_best_*")) == sorted(kept_best)
+    assert callback.best_model_path == kept_best[-1]  # improvements only: the newest is best
+    assert callback.kth_best_model_path == kept_best[0]
+    value = float(BEST_RE.fullmatch(reference.best[-1]).group(2))
+    assert float(callback.best_model_score) == pytest.approx(value, abs=5e-5)
+    assert float(callback.best_k_models[kept_best[0]]) > float(callback.best_model_score)
+    assert callback.last_model_path == str(ckpt / last_name(MAX_STEPS))
+    assert sorted(p.name for p in ckpt.glob("ckpt_last_*")) == reference.last[-2:]
+
+    metrics = trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    assert trainer.ckpt_path == callback.best_model_path
+    # The fixed validation windows give the best step's score again.
+    assert metrics[0]["val/loss"] == pytest.approx(float(callback.best_model_score), abs=1e-4)
 
 
 def test_resumed_run_continues_the_windows_of_existing_files(

@@ -47,7 +47,10 @@ def test_defaults_alone_are_a_valid_config() -> None:
 def test_shipped_configs_validate() -> None:
     for path in sorted((REPO / "configs").glob("*.toml")):
         cfg = load_experiment_toml(path)
-        assert cfg.experiment
+        assert cfg.experiment == path.stem
+        assert cfg.checkpointing.dirpath.is_absolute() and path.stem in str(
+            cfg.checkpointing.dirpath
+        )
 
 
 def test_experiment_file_is_deep_merged_over_defaults(tmp_path: Path) -> None:

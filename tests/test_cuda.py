@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ml_playground.configuration import load_config
 from ml_playground.model.gpt import GPT, GPTConfig
-from ml_playground.model.module import GPTLightningModule
+from ml_playground.module import GPTLightningModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,18 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from ml_playground.configuration.loading import packaged_defaults
 from ml_playground.data import GPTDataModule, RandomWindows
 from ml_playground.errors import DataError
-from ml_playground.prepare import load_tokens, prepare_char_corpus, write_bin_and_meta
+from ml_playground.prepare import PrepareConfig, load_tokens, run_prepare, write_bin_and_meta
 
 BATCH, BLOCK, VAL_BATCHES = 4, 16, 2
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, corpus_text: str) -> Path:
+    """The corpus prepared as `ml-playground prepare` does: char vocabulary, 10% validation."""
     folder = tmp_path_factory.mktemp("dataset")
-    prepare_char_corpus(corpus_text, folder, val_fraction=0.1)
-    return folder
+    source = folder / "corpus.txt"
+    source.write_text(corpus_text, encoding="utf-8")
+    values = {**packaged_defaults()["prepare"], "source": str(source), "source_sha256": ""}
+    run_prepare(PrepareConfig(**values), folder / "data", seed=0)
+    return folder / "data"
 
 
 def datamodule(folder: Path, **kwargs) -> GPTDataModule:

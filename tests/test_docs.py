@@ -33,9 +33,3 @@ def test_every_schema_field_is_documented() -> None:
                 assert f"`{name}`" in text or name == "trainer"
 
     walk(ExperimentConfig)
-
-
-def test_readme_opens_with_the_two_commands() -> None:
-    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip()]
-    assert lines[1].startswith("uv run ml-playground loop --config configs/shakespeare_char.toml")
-    assert lines[2].startswith("uv run pytest")

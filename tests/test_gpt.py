@@ -10,7 +10,6 @@ import torch
 from ml_playground.model.gpt import (
     GPT,
     GPTConfig,
-    _next_token,
     strip_compile_prefix,
 )
 
@@ -175,18 +174,6 @@ def test_flops_per_token() -> None:
     assert model.flops_per_token() == expected
 
 
-def test_param_groups_cover_every_parameter_once() -> None:
-    model = make_model()
-    decay, no_decay = model.configure_param_groups(weight_decay=0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    grouped = [id(p) for p in decay["params"]] + [id(p) for p in no_decay["params"]]
-    assert len(grouped) == len(set(grouped))
-    assert set(grouped) == {id(p) for p in model.parameters()}
-    assert all(p.dim() >= 2 for p in decay["params"])
-    assert all(p.dim() < 2 for p in no_decay["params"])
-    torch.optim.AdamW([decay, no_decay], lr=1e-3)  # accepted as is
-
-
 # --- KV cache ------------------------------------------------------------------------------
 
 
@@ -282,23 +269,35 @@ def test_batched_generation_equals_rows_alone() -> None:
 
 
 def test_top_p_keeps_smallest_set_reaching_p() -> None:
-    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
-    logits = probs.log().repeat(2, 1)
+    """Through `generate`, with a model whose next-token probabilities are fixed: the final
+    LayerNorm outputs its bias alone, and the output matrix turns it into log-probabilities."""
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    model = make_model(vocab_size=4)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, 0] = probs.log()
     gen = torch.Generator().manual_seed(0)
 
     def sampled(top_p: float) -> set[int]:
-        picks = [_next_token(logits, 1.0, None, top_p, gen) for _ in range(300)]
-        return set(torch.cat(picks).flatten().tolist())
+        out = model.generate(torch.zeros(300, 1, dtype=torch.long), 1, top_p=top_p, generator=gen)
+        return set(out[:, 1].tolist())
 
     assert sampled(0.4) == {1}
     assert sampled(0.75) == {1, 3}
     assert sampled(0.9) == {1, 2, 3}
+    assert sampled(1.0) == {0, 1, 2, 3}
 
 
 def test_top_k_larger_than_vocab_is_clamped() -> None:
     model = make_model()
-    out = model.generate(random_tokens(1, 3), 4, top_k=1000, generator=torch.Generator())
-    assert out.shape == (1, 7)
+    idx = random_tokens(2, 3)
+    clamped = model.generate(idx, 8, top_k=1000, generator=torch.Generator().manual_seed(3))
+    plain = model.generate(idx, 8, generator=torch.Generator().manual_seed(3))
+    assert clamped.shape == (2, 11)
+    assert torch.equal(clamped, plain)  # every token stays a candidate
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ml_playground.configuration import load_config
-from ml_playground.model.module import GPTLightningModule, WarmupCosine
+from ml_playground.module import GPTLightningModule, WarmupCosine
 
 LR, MIN_LR, WARMUP, DECAY = 1e-3, 1e-4, 10, 100
 

@@ -10,19 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+from pydantic import ValidationError
 
-from ml_playground.errors import ConfigError, DataError, SamplingError
+from ml_playground.configuration.loading import packaged_defaults
+from ml_playground.errors import DataError, SamplingError
 from ml_playground.prepare import (
-    SHAKESPEARE_SHA256,
     CharTokenizer,
+    PrepareConfig,
     TiktokenTokenizer,
     artifacts_ready,
     cache_dir,
     cached_path_for,
     fetch,
     load_tokens,
-    parse_tokenizer_spec,
-    prepare_text,
+    prepare_corpus,
     read_meta,
     run_prepare,
     tokenizer_from_meta,
@@ -43,6 +44,12 @@ def tiny_encoding() -> tiktoken.Encoding:
     )
 
 
+def settings(source: Path | str, **changes: object) -> PrepareConfig:
+    """The packaged [prepare] defaults for ``source``, no checksum, with ``changes``."""
+    values = {**packaged_defaults()["prepare"], "source": str(source), "source_sha256": ""}
+    return PrepareConfig(**{**values, **changes})
+
+
 def _write_corpus(tmp_path: Path, text: str = CORPUS) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
@@ -53,8 +60,8 @@ def _write_corpus(tmp_path: Path, text: str = CORPUS) -> Path:
 
 
 def test_char_tokenizer_round_trip_and_nanogpt_meta() -> None:
-    tok = CharTokenizer.from_text(CORPUS)
     chars = sorted(set(CORPUS))
+    tok = CharTokenizer(chars)
     assert tok.decode(tok.encode(CORPUS)) == CORPUS
     meta = tok.meta()
     # Exactly what nanoGPT's shakespeare_char/prepare.py stores, plus our two keys.
@@ -69,7 +76,7 @@ def test_char_tokenizer_round_trip_and_nanogpt_meta() -> None:
 
 
 def test_char_tokenizer_unknown_character() -> None:
-    tok = CharTokenizer.from_text("abc")
+    tok = CharTokenizer(["a", "b", "c"])
     with pytest.raises(SamplingError, match=r"'z'.*vocabulary"):
         tok.encode("abz")
     with pytest.raises(SamplingError, match="outside"):
@@ -93,20 +100,40 @@ def test_tiktoken_tokenizer_with_tiny_encoding() -> None:
         tok.decode([1000])
 
 
-def test_prepare_text_with_tiny_tiktoken(tmp_path: Path) -> None:
-    meta = prepare_text(CORPUS, TiktokenTokenizer(tiny_encoding()), tmp_path, 0.1)
+def test_unknown_tiktoken_encoding() -> None:
+    with pytest.raises(DataError, match=r"unknown tiktoken encoding 'nope'; prepare\.tokenizer"):
+        TiktokenTokenizer("nope")
+
+
+def test_prepare_corpus_with_tiny_tiktoken(tmp_path: Path) -> None:
+    source = _write_corpus(tmp_path)
+    tok = TiktokenTokenizer(tiny_encoding())
+    meta = prepare_corpus([source], tok, tmp_path / "ds", settings(source), seed=0)
     cut = int(len(CORPUS) * 0.9)
     assert meta["dtype"] == "uint16"
-    assert load_tokens(tmp_path / "train.bin", "uint16").tolist() == list(CORPUS[:cut].encode())
+    assert load_tokens(tmp_path / "ds" / "train.bin", "uint16").tolist() == list(
+        CORPUS[:cut].encode()
+    )
     assert meta["val_tokens"] == len(CORPUS) - cut
 
 
-def test_parse_tokenizer_spec() -> None:
-    assert parse_tokenizer_spec("char") == ("char", None)
-    assert parse_tokenizer_spec("tiktoken:gpt2") == ("tiktoken", "gpt2")
-    for bad in ("bpe", "tiktoken", "tiktoken:", "tiktoken:nope", "Char"):
-        with pytest.raises(ConfigError):
-            parse_tokenizer_spec(bad)
+# --- the [prepare] section: each rule is checked here, once -------------------------------
+
+
+def test_prepare_config_rules() -> None:
+    assert settings("c.txt").encoding is None
+    assert settings("c.txt", tokenizer="tiktoken:gpt2").encoding == "gpt2"
+    bad: list[dict[str, object]] = [
+        *({"tokenizer": spec} for spec in ("bpe", "tiktoken", "tiktoken:", "Char")),
+        *({"val_fraction": v} for v in (0.0, 1.0, -0.1)),
+        *({"source_sha256": v} for v in ("abc", "A" * 64)),
+        {"split": "random"},
+        {"chunk_bytes": 0},
+        {"num_threads": -1},
+    ]
+    for change in bad:
+        with pytest.raises(ValidationError, match=next(iter(change))):
+            settings("c.txt", **change)
 
 
 def test_tokenizer_from_meta_rejects_unknown_kind() -> None:
@@ -240,8 +267,6 @@ def test_fetch_local_file_and_sha(tmp_path: Path) -> None:
         fetch(path, "0" * 64)
     with pytest.raises(DataError, match="does not exist"):
         fetch(tmp_path / "missing.txt", None)
-    with pytest.raises(ConfigError, match="64 hex"):
-        fetch(path, "abc")
 
 
 def test_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,20 +307,22 @@ def test_run_prepare_split_skip_and_force(tmp_path: Path) -> None:
     text = "abcdefghij" * 7 + "xyz"  # 73 chars
     source = _write_corpus(tmp_path, text)
     out = tmp_path / "ds"
-    did, meta = run_prepare(str(source), None, "char", 0.1, out)
+    did, meta = run_prepare(settings(source), out, seed=0)
     assert did
     assert (meta["train_tokens"], meta["val_tokens"]) == (65, 8)  # int(73 * 0.9) = 65
     assert meta["vocab_size"] == 13
     tok = tokenizer_from_meta(read_meta(out / "meta.pkl"))
     assert tok.decode(load_tokens(out / "val.bin", meta["dtype"]).tolist()) == text[65:]
 
-    did, again = run_prepare(source, None, "char", 0.1, out)
+    did, again = run_prepare(settings(source), out, seed=0)
     assert not did and again == meta
-    with pytest.raises(DataError, match="--force"):
-        run_prepare(source, None, "tiktoken:gpt2", 0.1, out)
+    with pytest.raises(
+        DataError, match=r"'char' but prepare\.tokenizer is 'tiktoken:gpt2'; pass --force"
+    ):
+        run_prepare(settings(source, tokenizer="tiktoken:gpt2"), out, seed=0)
 
     source.write_text(text * 2, encoding="utf-8")
-    did, meta = run_prepare(source, None, "char", 0.5, out, force=True)
+    did, meta = run_prepare(settings(source, val_fraction=0.5), out, seed=0, force=True)
     assert did and (meta["train_tokens"], meta["val_tokens"]) == (73, 73)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
@@ -308,13 +335,14 @@ def test_run_prepare_bad_corpus(tmp_path: Path, content: bytes, message: str) ->
     source = tmp_path / "corpus.txt"
     source.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        run_prepare(source, None, "char", 0.1, tmp_path / "ds")
+        run_prepare(settings(source), tmp_path / "ds", seed=0)
     assert not (tmp_path / "ds" / "meta.pkl").exists()
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not present")
 def test_prepare_real_tinyshakespeare(tmp_path: Path) -> None:
-    did, meta = run_prepare(SHAKESPEARE, SHAKESPEARE_SHA256, "char", 0.1, tmp_path)
+    sha256 = packaged_defaults()["prepare"]["source_sha256"]  # the default corpus's checksum
+    did, meta = run_prepare(settings(SHAKESPEARE, source_sha256=sha256), tmp_path, seed=0)
     assert did
     assert meta["vocab_size"] == 65
     assert meta["train_tokens"] == 1_003_854
@@ -327,7 +355,7 @@ def test_prepare_real_tinyshakespeare(tmp_path: Path) -> None:
 )
 def test_prepare_real_tinyshakespeare_gpt2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    did, meta = run_prepare(SHAKESPEARE, None, "tiktoken:gpt2", 0.1, tmp_path)
+    did, meta = run_prepare(settings(SHAKESPEARE, tokenizer="tiktoken:gpt2"), tmp_path, seed=0)
     assert did and meta["vocab_size"] == 50257 and meta["eot_token"] == 50256
     assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)  # nanoGPT's counts
 
@@ -337,10 +365,10 @@ def test_failed_forced_prepare_leaves_the_earlier_artifacts_whole(tmp_path: Path
     stays (without it the folder would read as nanoGPT's GPT-2 layout)."""
     source = _write_corpus(tmp_path, "abcdefghij" * 20)
     out = tmp_path / "ds"
-    _, meta = run_prepare(str(source), None, "char", 0.1, out)
+    _, meta = run_prepare(settings(source), out, seed=0)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     source.write_text("ab", encoding="utf-8")
     with pytest.raises(DataError, match="too short"):
-        run_prepare(str(source), None, "char", 0.1, out, force=True)
+        run_prepare(settings(source), out, seed=0, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert read_meta(out / "meta.pkl") == meta

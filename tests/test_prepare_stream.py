@@ -3,7 +3,6 @@ by-document split, uint32 token files, chunked == one-shot, and the data module 
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 
@@ -11,10 +10,12 @@ import numpy as np
 import pytest
 import tiktoken
 
+from ml_playground.configuration.loading import packaged_defaults
 from ml_playground.data import GPTDataModule, require_artifacts
 from ml_playground.errors import ConfigError, DataError
 from ml_playground.prepare import (
     ArtifactWriter,
+    PrepareConfig,
     TiktokenTokenizer,
     dataset_meta,
     iter_documents,
@@ -26,7 +27,7 @@ from ml_playground.prepare import (
     write_bin_and_meta,
 )
 from ml_playground.prepare import tokenizers as tokenizers_module
-from ml_playground.prepare.stream import Progress, cut_pieces
+from ml_playground.prepare.stream import cut_pieces
 
 EOT = "<|endoftext|>"
 
@@ -37,6 +38,12 @@ def data_module(folder: Path, batch_size: int, block_size: int) -> GPTDataModule
     return GPTDataModule(
         dataset_dir=folder, batch_size=batch_size, block_size=block_size, seed=0, **settings
     )
+
+
+def settings(source: Path | str, **changes: object) -> PrepareConfig:
+    """The packaged [prepare] defaults for ``source``, no checksum, with ``changes``."""
+    values = {**packaged_defaults()["prepare"], "source": str(source), "source_sha256": ""}
+    return PrepareConfig(**{**values, **changes})
 
 
 def tiny_encoding(eot_id: int = 265) -> tiktoken.Encoding:
@@ -131,9 +138,10 @@ def test_iter_documents_separator_across_chunks(tmp_path: Path) -> None:
 
 def test_prepare_folder_with_tiny_tiktoken_contiguous(tmp_path: Path) -> None:
     docs = documents(6)
-    files = resolve_source(write_folder(tmp_path / "corpus", docs), None)
+    folder = write_folder(tmp_path / "corpus", docs)
+    files = resolve_source(folder, None)
     enc = tiny_encoding()
-    meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", 0.1)
+    meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", settings(folder), seed=0)
     assert meta["vocab_size"] == 266 and meta["eot_token"] == 265 and meta["dtype"] == "uint16"
     assert meta["split"] == "contiguous" and meta["encoding"] == enc.name
     ordered = [p.read_text(encoding="utf-8") for p in files]
@@ -156,11 +164,13 @@ def test_prepare_folder_with_tiny_tiktoken_contiguous(tmp_path: Path) -> None:
 
 def test_by_document_split_is_reproducible_from_the_seed(tmp_path: Path) -> None:
     docs = documents(20, seed=3)
-    files = resolve_source(write_folder(tmp_path / "corpus", docs), None)
+    folder = write_folder(tmp_path / "corpus", docs)
+    files = resolve_source(folder, None)
     tok = TiktokenTokenizer(tiny_encoding())
+    by_document = settings(folder, val_fraction=0.25, split="documents")
 
     def run(name: str, seed: int) -> tuple[bytes, bytes, dict]:
-        prepare_corpus(files, tok, tmp_path / name, 0.25, split="documents", seed=seed)
+        prepare_corpus(files, tok, tmp_path / name, by_document, seed=seed)
         return artifacts(tmp_path / name)
 
     first, again, other = run("s1", 1), run("s1b", 1), run("s2", 2)
@@ -177,21 +187,15 @@ def test_by_document_split_is_reproducible_from_the_seed(tmp_path: Path) -> None
 
 
 def test_documents_split_needs_two_documents(tmp_path: Path) -> None:
-    (tmp_path / "one.txt").write_text("just one document\n" * 20, encoding="utf-8")
+    one = tmp_path / "one.txt"
+    one.write_text("just one document\n" * 20, encoding="utf-8")
     with pytest.raises(DataError, match="document_separator"):
-        run_prepare(tmp_path / "one.txt", None, "char", 0.1, tmp_path / "ds", split="documents")
-    did, meta = run_prepare(
-        tmp_path / "one.txt",
-        None,
-        "char",
-        0.5,
-        tmp_path / "ds",
-        split="documents",
-        document_separator="\n",
-    )
+        run_prepare(settings(one, split="documents"), tmp_path / "ds", seed=0)
+    lines = settings(one, val_fraction=0.5, split="documents", document_separator="\n")
+    did, meta = run_prepare(lines, tmp_path / "ds", seed=0)
     assert did and meta["train_documents"] == meta["val_documents"] == 10
     with pytest.raises(DataError, match=r"split 'documents'.*--force"):
-        run_prepare(tmp_path / "one.txt", None, "char", 0.5, tmp_path / "ds")
+        run_prepare(settings(one, val_fraction=0.5), tmp_path / "ds", seed=0)
 
 
 @pytest.mark.parametrize("split", ["contiguous", "documents"])
@@ -200,13 +204,15 @@ def test_small_chunks_give_the_one_shot_artifacts(
     tmp_path: Path, split: str, tokenizer: str
 ) -> None:
     docs = documents(12, seed=5)
-    files = resolve_source(write_folder(tmp_path / "corpus", docs), None)
+    folder = write_folder(tmp_path / "corpus", docs)
+    files = resolve_source(folder, None)
     tok = "char" if tokenizer == "char" else TiktokenTokenizer(tiny_encoding())
     total = sum(p.stat().st_size for p in files)
     results = []
     for chunk in (1 << 30, 64, 7):
         out = tmp_path / f"ds{chunk}"
-        prepare_corpus(files, tok, out, 0.2, split=split, seed=9, chunk_bytes=chunk, num_threads=2)
+        chunked = settings(folder, val_fraction=0.2, split=split, chunk_bytes=chunk, num_threads=2)
+        prepare_corpus(files, tok, out, chunked, seed=9)
         results.append(artifacts(out))
     assert 7 < 64 < total < 1 << 30
     assert results[0] == results[1] == results[2]
@@ -224,7 +230,7 @@ def test_cut_pieces_only_cuts_where_tokens_do_not_change() -> None:
 
 def test_char_tokenizer_folder_and_utf8_errors(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "corpus", ["héllo wörld\n" * 5, "naïve — text\n" * 5])
-    did, meta = run_prepare(folder, None, "char", 0.1, tmp_path / "ds", chunk_bytes=3)
+    did, meta = run_prepare(settings(folder, chunk_bytes=3), tmp_path / "ds", seed=0)
     text = "".join(p.read_text(encoding="utf-8") for p in resolve_source(folder, None))
     assert did and meta["vocab_size"] == len(set(text))
     itos = meta["itos"]
@@ -232,7 +238,7 @@ def test_char_tokenizer_folder_and_utf8_errors(tmp_path: Path) -> None:
     assert decoded == text
     (folder / "a" / "bad.txt").write_bytes(b"fine\n" * 10 + b"\xff\xfe")
     with pytest.raises(DataError, match=r"bad\.txt is not valid UTF-8 \(near byte 50"):
-        run_prepare(folder, None, "char", 0.1, tmp_path / "ds2", chunk_bytes=4)
+        run_prepare(settings(folder, chunk_bytes=4), tmp_path / "ds2", seed=0)
     assert not (tmp_path / "ds2").exists()  # found by the scan, before anything is written
 
 
@@ -261,8 +267,10 @@ def test_artifact_writer_leaves_nothing_behind_on_error(tmp_path: Path) -> None:
 
 def test_uint32_when_the_vocabulary_exceeds_uint16(tmp_path: Path) -> None:
     enc = tiny_encoding(eot_id=69_999)  # n_vocab 70,000: ids do not fit uint16
-    files = resolve_source(write_folder(tmp_path / "corpus", documents(6)), None)
-    meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", 0.3, chunk_bytes=50)
+    folder = write_folder(tmp_path / "corpus", documents(6))
+    files = resolve_source(folder, None)
+    small = settings(folder, val_fraction=0.3, chunk_bytes=50)
+    meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", small, seed=0)
     assert meta["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
     train = ids(tmp_path / "ds", "train")
     assert 69_999 in train
@@ -301,10 +309,10 @@ def test_nanogpt_folder_without_meta_is_gpt2(tmp_path: Path) -> None:
     dm = data_module(tmp_path, batch_size=2, block_size=8)
     assert dm.vocab_size == 50257
     # prepare leaves such a folder alone unless forced, and only for the GPT-2 tokenizer
-    did, again = run_prepare("unused.txt", None, "tiktoken:gpt2", 0.1, tmp_path)
+    did, again = run_prepare(settings("unused.txt", tokenizer="tiktoken:gpt2"), tmp_path, seed=0)
     assert not did and again == meta
     with pytest.raises(DataError, match="--force"):
-        run_prepare("unused.txt", None, "char", 0.1, tmp_path)
+        run_prepare(settings("unused.txt"), tmp_path, seed=0)
     (tmp_path / "val.bin").unlink()
     with pytest.raises(DataError, match=r"missing meta\.pkl, val\.bin"):
         require_artifacts(tmp_path)
@@ -329,28 +337,24 @@ def test_tiktoken_offline_error_names_url_and_cache(monkeypatch: pytest.MonkeyPa
     assert Request.url in str(e.value) and "TIKTOKEN_CACHE_DIR" in str(e.value)
 
 
-def test_progress_line() -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    tty = Tty()
-    bar = Progress("prepare: tokenizing", 2_000_000, enabled=True, stream=tty)
-    bar.add_bytes(1_000_000)
-    bar.add_tokens(250_000)
-    bar.close()
-    line = tty.getvalue().rsplit("\r", 1)[-1]
-    assert line.startswith("prepare: tokenizing: 1.0/2.0 MB (50%), 250,000 tokens, ")
-    assert "MB/s" in line and line.endswith("tokens/s\n")
-    quiet = io.StringIO()  # not a terminal and a small corpus: silent
-    bar = Progress("x", 1000, enabled=True, stream=quiet)
-    bar.add_bytes(1000)
-    bar.close()
-    assert quiet.getvalue() == ""
+def test_progress_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_folder(tmp_path / "c", documents(3))
+    files = resolve_source(folder, None)
+    prepare_corpus(files, "char", tmp_path / "quiet", settings(folder), seed=0)
+    assert capsys.readouterr().err == ""
+    meta = prepare_corpus(
+        files, "char", tmp_path / "shown", settings(folder), seed=0, progress=True
+    )
+    err = capsys.readouterr().err
+    tokens = meta["train_tokens"] + meta["val_tokens"]
+    assert "prepare: scanning: 100%" in err and "prepare: tokenizing: 100%" in err
+    assert f"{tokens:,} tokens" in err and "B/s" in err  # bytes are the unit
 
 
 def test_meta_stays_plain_data(tmp_path: Path) -> None:
-    files = resolve_source(write_folder(tmp_path / "c", documents(3)), None)
-    prepare_corpus(files, "char", tmp_path / "ds", 0.3, split="documents", seed=4)
+    folder = write_folder(tmp_path / "c", documents(3))
+    files = resolve_source(folder, None)
+    by_document = settings(folder, val_fraction=0.3, split="documents")
+    prepare_corpus(files, "char", tmp_path / "ds", by_document, seed=4)
     raw = pickle.loads((tmp_path / "ds" / "meta.pkl").read_bytes())
     assert raw == read_meta(tmp_path / "ds" / "meta.pkl")

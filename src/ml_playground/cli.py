@@ -17,8 +17,8 @@ from jsonargparse import ArgumentError, Namespace, set_dumper
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ml_playground import commands, training
-from ml_playground.checkpointing import CheckpointExtras, GPTCheckpoint
+from ml_playground import commands, locking, reporting, training
+from ml_playground.checkpoint_writing import CheckpointExtras, GPTCheckpoint
 from ml_playground.configuration.loading import (
     NULL,
     SAMPLE_OVERRIDES_ENV,
@@ -35,7 +35,7 @@ from ml_playground.configuration.loading import (
 from ml_playground.configuration.schema import MANAGED_TRAINER_KEYS, ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError, report
-from ml_playground.model.module import GPTLightningModule
+from ml_playground.module import GPTLightningModule
 from ml_playground.prepare.run import PrepareConfig
 from ml_playground.sampling import SampleConfig
 from ml_playground.settings import AnchoredPath
@@ -57,8 +57,8 @@ class PlaygroundCLI(LightningCLI):
         instantiate: bool = True,
     ) -> None:
         self.env_vars, self.instantiate = env_vars, instantiate
-        self.result: training.RunResult | None = None
-        self.lock = training.FolderLock(Path())  # the checkpoint folder's, once it is known
+        self.result: reporting.RunResult | None = None
+        self.lock = locking.FolderLock(Path())  # the checkpoint folder's, once it is known
         training.prepare_runtime()
         try:
             super().__init__(
@@ -80,10 +80,9 @@ class PlaygroundCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """Each command, and the arguments of its Trainer method that are not options."""
         skip: dict[str, set[str]] = {name: set() for name in commands.COMMANDS}
-        skip["fit"] = skip["train"] = {"model", "train_dataloaders", "val_dataloaders"}
-        skip["validate"] = {"model", "dataloaders", "verbose"}
-        for name in ("fit", "train", "validate"):
-            skip[name] |= {"datamodule", "weights_only"}
+        common = {"model", "datamodule", "weights_only"}
+        skip["fit"] = skip["train"] = {"train_dataloaders", "val_dataloaders", *common}
+        skip["validate"] = {"dataloaders", "verbose", *common}
         return skip
 
     # ----------------------------------------------------------------- the parser
@@ -126,7 +125,7 @@ class PlaygroundCLI(LightningCLI):
         self.request = arrange(argv, command, env)
         self.config = self._parse(parser, self.request)
         self.experiment = self.sample_experiment = self._validate(self.request, self.config)
-        self.lock = training.FolderLock(self.experiment.checkpointing.dirpath)
+        self.lock = locking.FolderLock(self.experiment.checkpointing.dirpath)
         if command == "loop":  # its sampling adds the sample overrides: check both now
             second = arrange(argv, command, [TRAIN_OVERRIDES_ENV, SAMPLE_OVERRIDES_ENV])
             self.sample_experiment = self._validate(second, self._parse(parser, second))
@@ -205,7 +204,8 @@ class PlaygroundCLI(LightningCLI):
         kwargs["plugins"] = training.project_plugins()
         if trainer.get("logger") in (None, True):
             kwargs["logger"] = training.default_logger(self.experiment)
-        return super().instantiate_trainer(**kwargs)
+        with training.refused_trainer_values():
+            return super().instantiate_trainer(**kwargs)
 
     def parts(self) -> tuple[Trainer, GPTLightningModule, GPTDataModule, ExperimentConfig]:
         return self.trainer, self.model, self.datamodule, self.experiment
@@ -224,10 +224,10 @@ class PlaygroundCLI(LightningCLI):
             self.build()
         if subcommand in ("fit", "train", "loop"):
             self.result = training.fit(*self.parts(), self.resume, self.lock)
-            commands.report_fit(self.result, self.experiment)
+            reporting.report_fit(self.result, self.experiment)
         elif subcommand == "validate" and self.resume is not None:
             self.result = training.validate(*self.parts(), self.resume)
-            commands.report_validate(self.result)
+            reporting.report_validate(self.result)
         if subcommand == "sample" or (subcommand == "loop" and self.trainer.is_global_zero):
             commands.sample(self.sample_experiment)  # sampling is rank 0's job
 

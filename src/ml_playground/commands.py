@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ml_playground import training
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.files import write_atomic
+from ml_playground.reporting import SEPARATOR
 
-SEPARATOR = "-" * 40
 DEBUG_ENV = "ML_PLAYGROUND_DEBUG"
 COMMANDS = ("prepare", "fit", "train", "validate", "sample", "loop")  # their help: the Trainer's
 ENV_OF = {  # the override variables each command reads
@@ -39,20 +38,12 @@ HELP = {  # LightningCLI's parser_kwargs: the main parser's, then each command's
 def prepare(cfg: ExperimentConfig, force: bool) -> None:
     from ml_playground.prepare import run_prepare
 
-    prep = cfg.prepare
     did_work, meta = run_prepare(
-        source=prep.source,
-        source_sha256=prep.source_sha256 or None,
-        tokenizer=prep.tokenizer,
-        val_fraction=prep.val_fraction,
-        dataset_dir=cfg.data.dataset_dir,
-        force=force,
-        split=prep.split,
+        cfg.prepare,
+        cfg.data.dataset_dir,
         seed=cfg.seed_everything,
-        document_separator=prep.document_separator,
-        chunk_bytes=prep.chunk_bytes,
-        num_threads=prep.num_threads,
-        progress=True,
+        force=force,
+        progress=sys.stderr.isatty(),
     )
     where = cfg.data.dataset_dir
     if did_work:
@@ -62,33 +53,6 @@ def prepare(cfg: ExperimentConfig, force: bool) -> None:
         )
     else:
         print(f"prepare: {where} is already prepared; skipped (--force prepares again)")
-
-
-def report_fit(result: training.RunResult, cfg: ExperimentConfig) -> None:
-    """What `fit` prints at the end (rank 0): best metric and file, last file, logs."""
-    if not result.is_global_zero:
-        return
-    print(SEPARATOR)
-    if result.stopped_early:
-        print(
-            f"stopped early: {result.metric} did not improve for "
-            f"{cfg.checkpointing.patience} validation(s)"
-        )
-    if result.best_score is not None:
-        where = result.best_checkpoint or "(not kept: checkpointing.keep.best = 0)"
-        print(f"best {result.metric}: {result.best_score:.4f}  {where}")
-    if result.last_checkpoint:
-        print(f"last checkpoint: {result.last_checkpoint}")
-    if result.log_dir:
-        print(f"logs: {result.log_dir}")
-    if result.tensorboard_dir:
-        print(f"tensorboard --logdir {result.tensorboard_dir}")
-
-
-def report_validate(result: training.RunResult) -> None:
-    if result.is_global_zero:
-        for name, value in sorted(result.metrics.items()):
-            print(f"{name}: {value:.4f}")
 
 
 def sample(cfg: ExperimentConfig) -> None:

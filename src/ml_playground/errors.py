@@ -38,6 +38,14 @@ class TrainingError(MLPlaygroundError):
     """Training cannot continue (for example the loss became NaN)."""
 
 
+class Interrupted(MLPlaygroundError):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped a run; the message says what holds it."""
+
+    def __init__(self, message: str, sigterm: bool) -> None:
+        super().__init__(message)
+        self.exit_code = 143 if sigterm else 130
+
+
 def describe_os_error(exc: OSError) -> str:
     """`<strerror>: <filename>` (both files for a failed rename or link)."""
     text = exc.strerror or str(exc) or type(exc).__name__
@@ -74,12 +82,14 @@ def lost_peer(exc: BaseException) -> str | None:
 def report(exc: BaseException) -> int | None:
     """Print the one line a user sees for `exc` and return the exit code; None for an
     exception that is a bug (its traceback is the report)."""
-    if isinstance(exc, MLPlaygroundError):
+    if isinstance(exc, Interrupted):
+        line, code = str(exc), exc.exit_code
+    elif isinstance(exc, MLPlaygroundError):
         line, code = f"error: {exc}", exc.exit_code
     elif isinstance(exc, OSError):  # not foreseen where it happened (permissions, full disk)
         line, code = f"error: {describe_os_error(exc)}", 1
-    elif isinstance(exc, KeyboardInterrupt):
-        line, code = "interrupted", 130
+    elif isinstance(exc, KeyboardInterrupt):  # before or after training: nothing to save
+        line, code = "interrupted (Ctrl-C)", 130
     elif isinstance(exc, RuntimeError) and (lost := lost_peer(exc)) is not None:
         line, code = f"error: {lost}", 1
     elif type(exc).__name__ == "SIGTERMException":  # Lightning's, raised after saving

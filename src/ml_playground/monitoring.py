@@ -14,7 +14,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from ml_playground.errors import DataError, MLPlaygroundError
 from ml_playground.model.gpt import GPT
 from ml_playground.prepare import Tokenizer, tokenizer_from_meta
-from ml_playground.sampling import refresh_keep
 
 SAMPLE_PROMPT = "\n"
 SAMPLE_SEED = 1337
@@ -59,7 +58,7 @@ class TextSample(pl.Callback):
                 temperature=0.8,
                 top_k=200,
                 generator=generator,
-                refresh_keep=refresh_keep(model.config.block_size),
+                refresh_keep=model.default_refresh_keep(),
                 vocab_limit=self.tokenizer.vocab_size,
             )
         finally:
@@ -91,6 +90,14 @@ class HparamsSummary(pl.Callback):
                 logger.log_metrics(best, trainer.global_step)
 
 
+def completed_step(lightning_step: int) -> int:
+    """The project's number for the step Lightning is running (its `global_step` inside the
+    step). Lightning numbers it by the optimizer steps done before it, 0-based; checkpoint
+    names, logs and reports by the steps done once it finishes, so the validation after step
+    2000 and `ckpt_best_00002000_*` agree. The one place the two numberings meet."""
+    return lightning_step + 1
+
+
 class StepAlignedLogger(TensorBoardLogger):
     """TensorBoard logger whose steps are optimizer steps completed, as in checkpoint names.
 
@@ -102,7 +109,7 @@ class StepAlignedLogger(TensorBoardLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if metrics:
-            super().log_metrics(metrics, None if step is None else step + 1)
+            super().log_metrics(metrics, None if step is None else completed_step(step))
 
 
 class ProgressBar(TQDMProgressBar):

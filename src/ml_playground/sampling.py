@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ml_playground.checkpoint_files import (
+from ml_playground.checkpoint_reading import (
     SECTION,
     find_checkpoint,
     is_nanogpt_checkpoint,
@@ -19,7 +19,14 @@ from ml_playground.checkpoint_files import (
 from ml_playground.errors import CheckpointError, SamplingError
 from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
 from ml_playground.prepare import Tokenizer, read_meta, tokenizer_from_meta
-from ml_playground.settings import PROMPT_FILE_PREFIX, CheckpointRef, OptionalPath, Prompt, Section
+from ml_playground.settings import (
+    MAX_SEED,
+    PROMPT_FILE_PREFIX,
+    CheckpointRef,
+    OptionalPath,
+    Prompt,
+    Section,
+)
 
 
 class SampleConfig(Section):
@@ -32,7 +39,7 @@ class SampleConfig(Section):
     temperature: float = Field(description="softmax temperature; 0 means greedy", ge=0.0)
     top_k: int = Field(description="sample among the k likeliest tokens; 0 disables", ge=0)
     top_p: float = Field(description="nucleus sampling mass; 1.0 disables", gt=0.0, le=1.0)
-    seed: int = Field(description="random seed of the sampler")
+    seed: int = Field(description="random seed of the sampler", ge=0, le=MAX_SEED)
     output: OptionalPath = Field(
         description='also write the samples to this file ("" : only print them); relative '
         "paths resolve against the config file"
@@ -74,13 +81,6 @@ def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
     return model
 
 
-def refresh_keep(block_size: int) -> int | None:
-    """Past the context window, refill the KV cache from the last 3/4 of it rather than
-    recompute the whole window for every token (nanoGPT): >= 3/4 of the context is kept.
-    A one-token context has nothing to keep: None, nanoGPT's exact recompute."""
-    return max(1, block_size * 3 // 4) if block_size > 1 else None
-
-
 def generate_text(
     model: GPT, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device | None = None
 ) -> list[str]:
@@ -112,7 +112,7 @@ def generate_text(
             top_k=settings.top_k or None,
             top_p=settings.top_p if settings.top_p < 1.0 else None,
             generator=generator,
-            refresh_keep=refresh_keep(model.config.block_size),
+            refresh_keep=model.default_refresh_keep(),
             vocab_limit=tokenizer.vocab_size,
         )
     return [tokenizer.decode(row.tolist()) for row in out.cpu()]

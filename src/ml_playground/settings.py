@@ -1,7 +1,7 @@
 """The base of every settings section, and the path values sections hold.
 
 Each section is a strict Pydantic model that lives beside the class it configures
-(`ModelConfig` in `model/module.py`, `DataConfig` in `data.py`, ...); LightningCLI reads them as
+(`ModelConfig` in `module.py`, `DataConfig` in `data.py`, ...); LightningCLI reads them as
 that class's init arguments. Defaults are not written in them: `default.toml` holds them.
 """
 
@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import os
 from pathlib import PosixPath
-from typing import Any
+from typing import Annotated, Any
 
 from jsonargparse.typing import register_type
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import core_schema
 
 CKPT_ALIASES = ("best", "last")
+MAX_SEED = 2**32 - 1  # numpy's generators take no more
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 PROMPT_FILE_PREFIX = "FILE:"
 
 
 class Section(BaseModel):
     """Strict, closed, immutable: a typo or a wrong type is an error, never ignored."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- path values

@@ -1,39 +1,46 @@
 """`fit` and `validate` around the classes LightningCLI built: the project's callbacks, logger
-and checkpoint I/O, the resume checks, the folder lock, and what a run leaves behind."""
+and checkpoint I/O, the resume checks; the folder lock is in `locking.py`, what a run reports
+in `report.py`."""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ml_playground.checkpoint_files import (
+from ml_playground import reporting
+from ml_playground.checkpoint_reading import (
     check_compatible,
+    checkpoint_step,
+    file_step,
     find_checkpoint,
     load_checkpoint,
     managed_files,
 )
-from ml_playground.checkpointing import AtomicCheckpointIO, GPTCheckpoint
+from ml_playground.checkpoint_writing import AtomicCheckpointIO, GPTCheckpoint
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
-from ml_playground.errors import CheckpointError, ConfigError
-from ml_playground.files import write_atomic
-from ml_playground.model.module import GPTLightningModule
+from ml_playground.errors import ConfigError
+from ml_playground.files import fsync_dir, write_atomic
+from ml_playground.locking import FolderLock
+from ml_playground.module import GPTLightningModule
 from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
 
 CONFIG_FILENAME = "config.toml"
-LOCK_FILENAME = "fit.lock"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
@@ -50,38 +57,6 @@ class SaveResolvedConfig(SaveConfigCallback):
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / CONFIG_FILENAME, checkpoint.extras.config_toml)
-
-
-class ReportValidation(pl.Callback):
-    """One line per validation, as nanoGPT prints them, kept in the terminal's history."""
-
-    def __init__(self) -> None:
-        self._since: tuple[int, float] | None = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._since = (trainer.global_step, time.perf_counter())
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self._since is None:
-            return
-        metrics = trainer.callback_metrics
-        parts = [f"step {trainer.global_step}:"]
-        parts += [
-            f"{name} {float(metrics[name]):.4f}"
-            for name in ("train/loss", "val/loss")
-            if name in metrics
-        ]
-        step0, t0 = self._since
-        if trainer.global_step > step0:
-            ms = 1000 * (time.perf_counter() - t0) / (trainer.global_step - step0)
-            parts.append(f"({ms:.1f} ms/step)")
-        bar = trainer.progress_bar_callback
-        line = " ".join(parts)
-        if bar is not None and hasattr(bar, "print"):
-            bar.print(line)
-        else:
-            print(line, flush=True)
-        self._since = (trainer.global_step, time.perf_counter())
 
 
 class PlaygroundTrainer(pl.Trainer):
@@ -149,21 +124,6 @@ class PlaygroundTrainer(pl.Trainer):
     prepare, sample, loop = prepare_command, sample_command, loop_command
 
 
-@dataclass
-class RunResult:
-    """What a `fit` or `validate` run leaves behind, for the closing report."""
-
-    log_dir: Path | None
-    tensorboard_dir: Path | None
-    last_checkpoint: Path | None
-    best_checkpoint: Path | None
-    best_score: float | None
-    metric: str
-    metrics: dict[str, float]
-    is_global_zero: bool
-    stopped_early: bool = False
-
-
 def _quiet_lightning() -> None:
     # Hints aimed at Lightning developers, not at our users (e.g. about num_workers on CPU).
     for name in (
@@ -173,9 +133,6 @@ def _quiet_lightning() -> None:
     ):
         logging.getLogger(f"lightning.{name}").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings(
-        "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
-    )
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
     # val/loss is already averaged over ranks with all_gather before it is logged.
     warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed.*")
@@ -191,7 +148,7 @@ def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
     dirpath = cfg.checkpointing.dirpath
     if ckpt_path is None:
         existing = managed_files(dirpath, "last") + managed_files(dirpath, "best")
-        if existing:
+        if any(file_step(path) > 0 for path in existing):  # step 0 alone: nothing trained yet
             raise ConfigError(
                 f"{dirpath} already holds checkpoints of an earlier run ({existing[-1].name}); "
                 "resume it with --ckpt_path last, or start afresh with another "
@@ -199,6 +156,83 @@ def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
             )
         return None
     return find_checkpoint(dirpath, ckpt_path)
+
+
+def set_aside_later_steps(dirpath: Path, resume: Path) -> Path | None:
+    """Resuming from step N while the folder holds later steps starts a new branch: the later
+    `last` / `best` files (the branch left behind) move to `dirpath/branch_after_N/`, with a
+    hard link to the file resumed from, so `last` and the keep windows follow the new branch
+    and nothing is lost. Returns that folder."""
+    step = checkpoint_step(resume)
+    later = [
+        path
+        for kind in ("last", "best")
+        for path in managed_files(dirpath, kind)
+        if file_step(path) > step
+    ]
+    if not later:
+        return None
+    aside = dirpath / f"branch_after_{step:08d}"
+    for n in range(2, 1000):
+        if not aside.exists():
+            break
+        aside = dirpath / f"branch_after_{step:08d}_{n}"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    if resume.parent.resolve() == dirpath.resolve():  # the branch point, for that branch too
+        os.link(resume, aside / resume.name)
+    fsync_dir(dirpath)
+    print(
+        f"note: resuming from step {step} starts a new branch; the {len(later)} checkpoint(s) "
+        f"of later steps were moved to {aside}",
+        file=sys.stderr,
+    )
+    return aside
+
+
+MONITORED = ("val/loss", "val/ppl", "train/loss")  # what GPTLightningModule logs to rank by
+
+
+def refuse_before_work(trainer: pl.Trainer, cfg: ExperimentConfig) -> None:
+    """Settings Lightning or torch would trip over only once training runs, refused before
+    anything is written (Lightning checks the others when the Trainer is built)."""
+    for key in ("val_check_interval", "accumulate_grad_batches", "log_every_n_steps"):
+        value = getattr(trainer, key)  # a fraction of an endless epoch: Lightning refuses it
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"trainer.{key} = {value}: it must be at least 1")
+    for key in ("max_steps", "limit_train_batches"):
+        if getattr(trainer, key) == 0:
+            raise ConfigError(
+                f"fit would train nothing: trainer.{key} is 0; set it to the number of "
+                "steps (batches) to train"
+            )
+    metric = cfg.checkpointing.metric
+    if metric not in MONITORED:
+        raise ConfigError(
+            f"checkpointing.metric = {metric!r} is never logged; choose one of "
+            f"{', '.join(MONITORED)}"
+        )
+    every, logged = trainer.val_check_interval, getattr(trainer, "log_every_n_steps", 50)
+    if metric == "train/loss" and isinstance(every, int) and every % logged:
+        raise ConfigError(
+            f"checkpointing.metric = 'train/loss' is logged every {logged} steps "
+            f"(trainer.log_every_n_steps) but validation runs every {every}: make "
+            "trainer.val_check_interval a multiple of it, or rank by val/loss"
+        )
+
+
+@contextmanager
+def refused_trainer_values() -> Iterator[None]:
+    """Lightning's verdict on the [trainer] values while it builds the Trainer, as one line."""
+    try:
+        yield
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"Lightning refused the [trainer] settings: {text}; fix them in the config or on "
+            "the command line (`ml-playground fit --help` lists them)"
+        ) from None
 
 
 def check_resume(path: Path, module: GPTLightningModule, datamodule: GPTDataModule) -> None:
@@ -219,7 +253,7 @@ def project_callbacks(
     """The callbacks every run has, beside the checkpoint policy and the user's own."""
     ckpt = cfg.checkpointing
     callbacks: list[pl.Callback] = [
-        ReportValidation(),
+        reporting.ReportValidation(),
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
     ]
@@ -245,94 +279,6 @@ def prepare_runtime() -> None:
     _quiet_lightning()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 parts on Ampere+
-
-
-class FolderLock:
-    """`fit.lock` in the checkpoint folder: one `fit` at a time writes there.
-
-    Created atomically (O_CREAT | O_EXCL) holding `pid host`, removed when the run ends. A lock
-    whose process is gone (a killed run) on this host is stale and is taken over.
-    """
-
-    def __init__(self, dirpath: Path) -> None:
-        self.dir = Path(dirpath)
-        self.path = self.dir / LOCK_FILENAME
-        self.held = False
-
-    def acquire(self) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise self._not_writable(exc) from None
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if not self._clear_if_stale():
-                    raise self._busy() from None
-                continue
-            except OSError as exc:
-                raise self._not_writable(exc) from None
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"{os.getpid()} {socket.gethostname()}\n")
-            self.held = True
-            return
-        raise self._busy()
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def _holder(self) -> tuple[int | None, str]:
-        try:
-            pid, _, host = self.path.read_text(encoding="utf-8").strip().partition(" ")
-            return int(pid), host
-        except (OSError, ValueError):
-            return None, ""
-
-    def _clear_if_stale(self) -> bool:
-        pid, host = self._holder()
-        if pid is None:
-            try:  # being written right now, or garbage left behind
-                young = time.time() - self.path.stat().st_mtime < 10
-            except FileNotFoundError:
-                return True
-            if young:
-                return False
-        elif host != socket.gethostname() or _process_alive(pid):
-            return False
-        self.path.unlink(missing_ok=True)
-        return True
-
-    def _busy(self) -> CheckpointError:
-        pid, host = self._holder()
-        who = f"process {pid} on {host}" if pid is not None else "another process"
-        return CheckpointError(
-            f"{self.dir} is in use by another fit ({who} holds {self.path}); wait for it to "
-            "finish or use another checkpointing.dirpath; if no fit is running there, delete "
-            f"{self.path}"
-        )
-
-    def _not_writable(self, exc: OSError) -> CheckpointError:
-        return CheckpointError(
-            f"checkpointing.dirpath {self.dir} is not writable ({exc.strerror or exc}); "
-            "fix its permissions or choose another folder"
-        )
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process not yet reaped by its parent is dead too
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def is_launching_process() -> bool:
@@ -369,52 +315,40 @@ def fit(
     cfg: ExperimentConfig,
     resume: Path | None,
     lock: FolderLock,
-) -> RunResult:
+) -> reporting.RunResult:
     """Train (or resume training) with the classes LightningCLI built; `lock` is released."""
-    if is_launching_process() and not lock.held:
-        lock.acquire()
     try:
+        refuse_before_work(trainer, cfg)
+        if is_launching_process() and not lock.held:
+            lock.acquire()
+        if resume is not None and is_launching_process():
+            set_aside_later_steps(cfg.checkpointing.dirpath, resume)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except SystemExit:  # Lightning's answer to Ctrl-C, after the callbacks saved `last`
+        if trainer.interrupted:
+            raise reporting.interrupted(trainer, sigterm=False) from None
+        raise
     except BaseException as exc:
         stop_started_ranks(trainer, exc)
+        if isinstance(exc, SIGTERMException | KeyboardInterrupt):
+            raise reporting.interrupted(trainer, isinstance(exc, SIGTERMException)) from None
         raise
     finally:
         lock.release()
-    return _result(trainer, cfg)
+    return reporting.run_result(trainer, cfg)
 
 
 def validate(
     trainer: pl.Trainer, module: GPTLightningModule, datamodule: GPTDataModule,
     cfg: ExperimentConfig, path: Path,
-) -> RunResult:  # fmt: skip
+) -> reporting.RunResult:  # fmt: skip
     """Evaluate a checkpoint on the fixed validation windows."""
     try:
         trainer.validate(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
     except BaseException as exc:
         stop_started_ranks(trainer, exc)
         raise
-    return _result(trainer, cfg)
-
-
-def _result(trainer: pl.Trainer, cfg: ExperimentConfig) -> RunResult:
-    checkpoint = next(c for c in trainer.callbacks if isinstance(c, GPTCheckpoint))  # type: ignore[attr-defined]
-    score = checkpoint.best_model_score
-    boards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-    log_dir = trainer.log_dir if trainer.logger is not None else None
-    return RunResult(
-        log_dir=Path(log_dir) if log_dir else None,
-        tensorboard_dir=Path(boards[0].log_dir).parent if boards else None,
-        last_checkpoint=Path(checkpoint.last_model_path) if checkpoint.last_model_path else None,
-        best_checkpoint=Path(checkpoint.best_model_path) if checkpoint.best_model_path else None,
-        best_score=None if score is None else float(score),
-        metric=cfg.checkpointing.metric,
-        metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-        is_global_zero=trainer.is_global_zero,
-        stopped_early=any(
-            isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-        ),
-    )
+    return reporting.run_result(trainer, cfg)
 
 
 def end_distributed() -> None:

@@ -9,31 +9,33 @@ front (`trained`) and starts the independent commands of all tests at once in a 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import tomllib
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-SEPARATOR = "-" * 40
+from e2e import harness
+from e2e.harness import (
+    BEST_RE,
+    LAST_RE,
+    QUIET,
+    SAMPLE_ENV,
+    TRAIN_ENV,
+    JobPool,
+    Result,
+    Trained,
+    assert_one_error_line,
+    samples,
+    scalars,
+    snapshot,
+)
+
 PROMPT = "the "  # sample.prompt of the tiny experiment
-LAST_RE = re.compile(r"ckpt_last_\d{8}\.pt")
-BEST_RE = re.compile(r"ckpt_best_\d{8}_val_loss=\d+\.\d{4}\.pt")
-QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu")
-TRAIN_ENV = "ML_PLAYGROUND_TRAIN_OVERRIDES"
-SAMPLE_ENV = "ML_PLAYGROUND_SAMPLE_OVERRIDES"
-ERROR_PREFIX = "ml-playground: error:"
-
-Result = subprocess.CompletedProcess
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,30 +54,6 @@ def last(step: int) -> str:
     return f"ckpt_last_{step:08d}.pt"
 
 
-def snapshot(folder: Path) -> dict[str, int]:
-    """Every file below `folder` with its modification time (ns)."""
-    return {
-        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
-    }
-
-
-def samples(stdout: str) -> list[str]:
-    """The texts `sample` printed, each followed by a separator line."""
-    assert stdout.endswith(SEPARATOR + "\n"), stdout
-    chunks = stdout.split(SEPARATOR + "\n")[:-1]
-    assert all(chunk.endswith("\n") for chunk in chunks), chunks
-    return [chunk[:-1] for chunk in chunks]
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    accumulator = EventAccumulator(str(log_dir))
-    accumulator.Reload()
-    return {
-        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-        for tag in accumulator.Tags()["scalars"]
-    }
-
-
 def same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
@@ -83,81 +61,27 @@ def same_path(a: str | Path, b: str | Path) -> bool:
 # --------------------------------------------------------------------------- fixtures
 
 
-@dataclass
-class Trained:
-    """prepare + the issue's fit command, run once for the module (read-only afterwards)."""
-
-    folder: Path
-    config: Path
-    prepare: Result
-    fit: Result
-    before: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def data(self) -> Path:
-        return self.folder / "data"
-
-    @property
-    def ckpt(self) -> Path:
-        return self.folder / "ckpt"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.folder / "logs" / "tiny" / "version_0"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, make_experiment, cli) -> Trained:
-    folder = tmp_path_factory.mktemp("trained").resolve()
-    config = make_experiment(folder)
-    prepare = cli("prepare", "--config", config, cwd=folder)
-    issue = "--trainer.max_steps 20 --trainer.val_check_interval 10 --checkpointing.keep.last 2"
-    fit = cli("fit", "--config", config, *issue.split(), *QUIET, cwd=folder)
-    return Trained(folder, config, prepare, fit, snapshot(folder))
-
-
-@dataclass
-class Context:
-    trained: Trained
-    cli: Callable[..., Result]
-    mktemp: Callable[[str], Path]
-    make_experiment: Callable[[Path], Path]
+@dataclass(kw_only=True)
+class Context(harness.Context):
     errors: ErrorSetup
 
 
-JOBS: dict[str, Callable[[Context], Any]] = {}
-
-
-def job(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
-    """Register a command sequence to start as soon as the module's `trained` run exists."""
-    JOBS[fn.__name__] = fn
-    return fn
-
-
-class Jobs:
-    def __init__(self, futures: dict[str, Future], errors: ErrorSetup) -> None:
-        self.futures, self.errors = futures, errors
-
-    def __getitem__(self, name: str) -> Any:
-        return self.futures[name].result(timeout=900)
+JOBS = JobPool()
+job = JOBS.job
 
 
 @pytest.fixture(scope="module")
-def jobs(trained, cli, tmp_path_factory, make_experiment):
+def jobs(trained, cli, tmp_path_factory, make_experiment) -> Iterator[JobPool]:
     def mktemp(name: str) -> Path:
         return tmp_path_factory.mktemp(name).resolve()
 
     errors = setup_errors(mktemp("errors"), trained)
-    context = Context(trained, cli, mktemp, make_experiment, errors)
+    context = Context(
+        trained=trained, cli=cli, mktemp=mktemp, make_experiment=make_experiment, errors=errors
+    )
     longest = ("resume_and_validate", "loop_fresh", "print_config_round_trip")
-    todo = {name: JOBS[name] for name in longest} | JOBS
-    todo.update({f"error:{name}": run_error_case(name) for name in ERROR_NAMES})
-    workers = max(2, min(4, os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(fn, context) for name, fn in todo.items()}
-        yield Jobs(futures, errors)
-        for future in futures.values():
-            future.cancel()
+    with JOBS.running(context, first=longest) as pool:
+        yield pool
 
 
 # --------------------------------------------------------------------------- prepare, fit, sample
@@ -168,7 +92,7 @@ def sample_trained(ctx: Context) -> Result:
     return ctx.cli("sample", "--config", ctx.trained.config, cwd=ctx.trained.folder)
 
 
-def test_prepare_fit_sample_end_to_end(trained: Trained, jobs: Jobs) -> None:
+def test_prepare_fit_sample_end_to_end(trained: Trained, jobs: JobPool) -> None:
     assert "prepare: wrote" in trained.prepare.stdout
     for name in ("train.bin", "val.bin", "meta.pkl"):
         assert (trained.data / name).is_file()
@@ -204,7 +128,7 @@ def test_issue_scenario_checkpoints_and_tensorboard(trained: Trained) -> None:
     # ckpt_last_00000020.pt starts with the best score reached so far.
     state = checkpoint["callbacks"]["GPTCheckpoint"]
     best_value = float(re.search(r"=(\d+\.\d{4})\.pt$", best[0]).group(1))
-    assert state["best_score"] == pytest.approx(best_value, abs=5e-5)
+    assert float(state["best_model_score"]) == pytest.approx(best_value, abs=5e-5)
 
     assert (trained.log_dir / "config.toml").is_file()
     assert list(trained.log_dir.glob("events.out.tfevents.*"))
@@ -224,7 +148,7 @@ def loop_fresh(ctx: Context) -> tuple[Path, Result]:
     return folder, result
 
 
-def test_loop_prepares_fits_and_ends_with_samples(jobs: Jobs) -> None:
+def test_loop_prepares_fits_and_ends_with_samples(jobs: JobPool) -> None:
     folder, result = jobs["loop_fresh"]
     out = result.stdout
     board = f"tensorboard --logdir {folder / 'logs' / 'tiny'}\n"
@@ -258,7 +182,7 @@ def print_config_round_trip(ctx: Context) -> tuple[Path, Result, Result]:
     return elsewhere, first, second
 
 
-def test_print_config_is_toml_that_config_accepts(trained: Trained, jobs: Jobs) -> None:
+def test_print_config_is_toml_that_config_accepts(trained: Trained, jobs: JobPool) -> None:
     elsewhere, first, second = jobs["print_config_round_trip"]
     assert second.stdout == first.stdout
     data = tomllib.loads(first.stdout)
@@ -282,7 +206,7 @@ def logged_config_fed_back(ctx: Context) -> Result:
     return ctx.cli("fit", "--config", logged, "--print_config", cwd=ctx.mktemp("fed_back"))
 
 
-def test_logged_config_can_be_fed_back(trained: Trained, jobs: Jobs) -> None:
+def test_logged_config_can_be_fed_back(trained: Trained, jobs: JobPool) -> None:
     result = jobs["logged_config_fed_back"]
     logged = (trained.log_dir / "config.toml").read_text(encoding="utf-8")
     assert result.stdout == logged
@@ -446,32 +370,25 @@ def run_error_case(name: str) -> Callable[[Context], Result]:
     return run
 
 
+JOBS.jobs.update({f"error:{name}": run_error_case(name) for name in ERROR_NAMES})
+
+
 @pytest.mark.parametrize("name", ERROR_NAMES)
-def test_user_error_is_one_clear_line(name: str, jobs: Jobs) -> None:
-    case, result = jobs.errors.cases[name], jobs[f"error:{name}"]
-    report = f"{name}: exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    if case.exit_code is None:
-        assert result.returncode not in (0, None), report
-    else:
-        assert result.returncode == case.exit_code, report
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, report
-    assert lines[0].startswith(ERROR_PREFIX), report
-    for text in case.mentions:
-        assert text in lines[0], f"{text!r} not named\n{report}"
-    assert "Traceback" not in result.stderr + result.stdout, report
+def test_user_error_is_one_clear_line(name: str, jobs: JobPool) -> None:
+    case = jobs.context.errors.cases[name]
+    assert_one_error_line(jobs[f"error:{name}"], case.exit_code, *case.mentions)
 
 
-def test_prompt_error_names_the_setting(jobs: Jobs) -> None:
+def test_prompt_error_names_the_setting(jobs: JobPool) -> None:
     result = jobs["error:prompt_outside_vocabulary"]
     assert result.returncode != 0
     assert "sample.prompt" in result.stderr
 
 
-def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: Jobs) -> None:
+def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: JobPool) -> None:
     results = [jobs[f"error:{name}"] for name in ERROR_NAMES]  # wait for all of them
     assert len(results) == len(ERROR_NAMES)
-    errors = jobs.errors
+    errors = jobs.context.errors
     # The failed runs created no folders (data, checkpoints, logs) where they ran ...
     assert {str(p.relative_to(errors.folder)) for p in errors.folder.rglob("*")} == errors.written
     # ... and the fresh fit into a folder with checkpoints left the earlier run untouched.
@@ -484,32 +401,17 @@ def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: Jobs) -> 
 # --------------------------------------------------------------------------- environment overrides
 
 
-def fresh_run_flags(trained: Trained, folder: Path) -> tuple[str, ...]:
-    """Train on the module's prepared data, but write checkpoints and logs into `folder`."""
-    return (
-        "--config",
-        str(trained.config),
-        "--data.dataset_dir",
-        str(trained.data),
-        "--checkpointing.dirpath",
-        str(folder / "ckpt"),
-        "--log_dir",
-        str(folder / "logs"),
-        *QUIET,
-    )
-
-
 @job
 def fit_with_train_env(ctx: Context) -> tuple[Path, Result]:
     folder = ctx.mktemp("train_env")
     env = {
         TRAIN_ENV: json.dumps({"trainer": {"max_steps": 5}, "checkpointing": {"keep": {"last": 1}}})
     }
-    result = ctx.cli("fit", *fresh_run_flags(ctx.trained, folder), cwd=folder, env=env)
+    result = ctx.cli("fit", *ctx.trained.fit_flags(folder), cwd=folder, env=env)
     return folder, result
 
 
-def test_train_env_overrides_change_fit(jobs: Jobs) -> None:
+def test_train_env_overrides_change_fit(jobs: JobPool) -> None:
     folder, result = jobs["fit_with_train_env"]
     assert files(folder / "ckpt", "last") == [last(5)]
     assert f"last checkpoint: {folder / 'ckpt' / last(5)}" in result.stdout
@@ -538,7 +440,7 @@ def precedence(ctx: Context) -> Result:
     )
 
 
-def test_flags_beat_env_and_sample_env_leaves_fit_alone(jobs: Jobs) -> None:
+def test_flags_beat_env_and_sample_env_leaves_fit_alone(jobs: JobPool) -> None:
     data = tomllib.loads(jobs["precedence"].stdout)
     assert data["trainer"]["max_steps"] == 7  # flag beats environment
     assert data["checkpointing"]["keep"]["last"] == 1  # environment beats file
@@ -552,7 +454,7 @@ def sample_with_sample_env(ctx: Context) -> Result:
     return ctx.cli("sample", "--config", ctx.trained.config, cwd=ctx.mktemp("sample_env"), env=env)
 
 
-def test_sample_env_overrides_change_sample(jobs: Jobs) -> None:
+def test_sample_env_overrides_change_sample(jobs: JobPool) -> None:
     texts = samples(jobs["sample_with_sample_env"].stdout)
     assert len(texts) == 3
     assert all(text.startswith(PROMPT) and len(text) == len(PROMPT) + 10 for text in texts)
@@ -565,7 +467,7 @@ def test_sample_env_overrides_change_sample(jobs: Jobs) -> None:
 def resume_and_validate(ctx: Context) -> tuple[Path, Result, Result]:
     folder = ctx.mktemp("resume")
     shutil.copytree(ctx.trained.ckpt, folder / "ckpt")
-    flags = fresh_run_flags(ctx.trained, folder)
+    flags = ctx.trained.fit_flags(folder)
     fit = ctx.cli("fit", *flags, "--ckpt_path", "last", "--trainer.max_steps", "30", cwd=folder)
     validate = ctx.cli(
         "validate",
@@ -583,7 +485,7 @@ def resume_and_validate(ctx: Context) -> tuple[Path, Result, Result]:
     return folder, fit, validate
 
 
-def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: Jobs) -> None:
+def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: JobPool) -> None:
     folder, fit, validate = jobs["resume_and_validate"]
     ckpt = folder / "ckpt"
     assert f"last checkpoint: {ckpt / last(30)}" in fit.stdout
@@ -607,11 +509,11 @@ def test_fit_resumes_from_last_and_validate_reports_val_loss(jobs: Jobs) -> None
 def train_alias(ctx: Context) -> tuple[Path, Result]:
     folder = ctx.mktemp("train_alias")
     steps = ["--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
-    result = ctx.cli("train", *fresh_run_flags(ctx.trained, folder), *steps, cwd=folder)
+    result = ctx.cli("train", *ctx.trained.fit_flags(folder), *steps, cwd=folder)
     return folder, result
 
 
-def test_train_is_fit(jobs: Jobs) -> None:
+def test_train_is_fit(jobs: JobPool) -> None:
     folder, result = jobs["train_alias"]
     assert files(folder / "ckpt", "last") == [last(0), last(5)]
     assert len(files(folder / "ckpt", "best")) == 1

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ml_playground.checkpoint_files import LAST_PATTERN
+from e2e.harness import child_env, free_port
+from ml_playground.checkpoint_reading import LAST_PATTERN
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 
@@ -73,12 +72,6 @@ def test_ddp_resume(tmp_path, make_experiment, cli) -> None:
         int(m.group(1)) for p in (tmp_path / "ckpt").iterdir() if (m := LAST_PATTERN.match(p.name))
     )
     assert steps == [15, 20]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_two_nodes(
@@ -146,10 +139,6 @@ def processes_mentioning(marker: str) -> list[int]:
         if marker in cmdline and state != "Z":
             found.append(int(proc.name))
     return found
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
 
 
 def test_failure_on_rank0_alone_stops_the_ranks_it_started(tmp_path, make_experiment, cli) -> None:

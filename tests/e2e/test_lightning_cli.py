@@ -4,26 +4,13 @@ beside the project's own, and a checkpoint that never overrides the configuratio
 from __future__ import annotations
 
 import csv
-import re
 import tomllib
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ml_playground.model.module import WarmupCosine
-
-QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu")
-LAST_RE = re.compile(r"ckpt_last_\d{8}\.pt")
-BEST_RE = re.compile(r"ckpt_best_\d{8}_val_loss=\d+\.\d{4}\.pt")
-
-
-def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-    }
+from e2e.harness import BEST_RE, LAST_RE, QUIET, scalars
+from ml_playground.module import WarmupCosine
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,14 @@ def test_extra_callback_by_flag_runs_beside_the_project_callbacks(prepared: Path
     cli("fit", *run_flags(prepared, folder), *flags, *callback, cwd=prepared)
     logged = scalars(folder / "logs" / "tiny" / "version_0")
     # LearningRateMonitor's scalars (one per parameter group) ...
-    assert [tag for tag in logged if tag.startswith("lr-AdamW")], sorted(logged)
+    monitored = sorted(tag for tag in logged if tag.startswith("lr-AdamW"))
+    assert monitored == ["lr-AdamW/pg1", "lr-AdamW/pg2"], sorted(logged)  # decay / no decay
+    assert logged["lr-AdamW/pg1"] == logged["lr-AdamW/pg2"]  # one schedule for both groups
+    ours = dict(logged["lr"])
+    common = [(step, value) for step, value in logged["lr-AdamW/pg1"] if step in ours]
+    assert common, (logged["lr-AdamW/pg1"], logged["lr"])
+    for step, value in common:  # the same schedule as our own `lr` scalar
+        assert value == pytest.approx(ours[step], rel=1e-6), step
     for tag in ("lr", "train/loss", "val/loss"):  # ... next to ours
         assert logged.get(tag), (tag, sorted(logged))
     # Checkpoints are still named and rotated by GPTCheckpoint (keep.last 2, keep.best 1).

@@ -18,127 +18,44 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from filelock import MarkerSoftFileLock
 
-from ml_playground.checkpoint_files import LAST_PATTERN
-from ml_playground.training import LOCK_FILENAME
+from e2e import harness
+from e2e.harness import (
+    QUIET,
+    TRAIN_ENV,
+    JobPool,
+    Result,
+    Trained,
+    all_finite,
+    assert_one_error_line,
+    child_env,
+    ckpt_files,
+    free_port,
+    last_steps,
+    leftovers,
+    samples,
+    start_fit,
+    wait_for,
+)
+from ml_playground.locking import LOCK_FILENAME
 
-ERROR_PREFIX = "ml-playground: error:"
-QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu")
-TRAIN_ENV = "ML_PLAYGROUND_TRAIN_OVERRIDES"
-SEPARATOR = "-" * 40
 MESSAGES_ENV = "RELIABILITY_MESSAGES_OUT"
-
-Result = subprocess.CompletedProcess
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def error_lines(result: Result) -> list[str]:
-    """stderr without the informational `note:` lines a training run may print first."""
-    return [
-        line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")
-    ]
-
-
-def report(result: Result) -> str:
-    return (
-        f"exit {result.returncode}\nargs: {result.args}\n"
-        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    )
-
-
-def assert_one_error_line(result: Result, exit_code: int | None, *mentions: str) -> str:
-    """A non-zero exit (or the given code), one `ml-playground: error:` line, no traceback."""
-    if exit_code is None:
-        assert result.returncode not in (0, None), report(result)
-    else:
-        assert result.returncode == exit_code, report(result)
-    lines = error_lines(result)
-    assert len(lines) == 1, report(result)
-    assert lines[0].startswith(ERROR_PREFIX), report(result)
-    for text in mentions:
-        assert text in lines[0], f"{text!r} not named\n{report(result)}"
-    assert "Traceback" not in result.stderr + result.stdout, report(result)
-    return lines[0]
-
-
-def last_steps(folder: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in folder.glob("*") if (m := LAST_PATTERN.match(p.name)))
-
-
-def ckpt_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("ckpt_"))
-
-
-def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if ".tmp" in p.name]
-
-
-def all_finite(path: Path) -> bool:
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@dataclass
-class Trained:
-    """prepare + a 10-step fit (last at 0, 5, 10 -> keep 5, 10; best at 10), read-only."""
-
-    folder: Path
-    config: Path
-
-    @property
-    def data(self) -> Path:
-        return self.folder / "data"
-
-    @property
-    def ckpt(self) -> Path:
-        return self.folder / "ckpt"
-
-    def snapshot(self) -> dict[str, int]:
-        return {
-            str(p.relative_to(self.folder)): p.stat().st_mtime_ns
-            for p in self.folder.rglob("*")
-            if p.is_file()
-        }
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, make_experiment, cli) -> Trained:
-    folder = tmp_path_factory.mktemp("rel_trained").resolve()
-    config = make_experiment(folder)
-    cli("prepare", "--config", config, cwd=folder)
-    cli("fit", "--config", config, "--trainer.max_steps", "10", *QUIET, cwd=folder)
-    return Trained(folder, config)
 
 
 class Unwritable:
@@ -172,23 +89,13 @@ class Unwritable:
             path.chmod(0o755)
 
 
-@dataclass
-class Context:
-    trained: Trained
-    cli: Callable[..., Result]
-    mktemp: Callable[[str], Path]
-    make_experiment: Callable[[Path], Path]
+@dataclass(kw_only=True)
+class Context(harness.Context):
     unwritable: Unwritable
     server: str  # base URL of a local HTTP server serving the corpus
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def fit_flags(self, folder: Path) -> tuple[str, ...]:
-        """The trained experiment's data, with checkpoints and logs in `folder`."""
-        return (
-            "--config", str(self.trained.config), "--data.dataset_dir", str(self.trained.data),
-            "--checkpointing.dirpath", str(folder / "ckpt"), "--log_dir", str(folder / "logs"),
-            *QUIET,
-        )  # fmt: skip
+        return self.trained.fit_flags(folder)
 
     def data_copy(self, name: str) -> Path:
         folder = self.mktemp(name)
@@ -196,12 +103,8 @@ class Context:
         return folder
 
 
-JOBS: dict[str, Callable[[Context], Any]] = {}
-
-
-def job(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
-    JOBS[fn.__name__] = fn
-    return fn
+JOBS = JobPool()
+job = JOBS.job
 
 
 @pytest.fixture(scope="module")
@@ -218,24 +121,23 @@ def corpus_server(corpus_text: str, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(trained, cli, tmp_path_factory, make_experiment, corpus_server) -> Iterator[dict]:
+def runs(trained, cli, tmp_path_factory, make_experiment, corpus_server) -> Iterator[JobPool]:
     def mktemp(name: str) -> Path:
         return tmp_path_factory.mktemp(name).resolve()
 
     unwritable = Unwritable()
-    context = Context(trained, cli, mktemp, make_experiment, unwritable, corpus_server)
-    before = trained.snapshot()
-    workers = max(2, min(4, os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures: dict[str, Future] = {name: pool.submit(fn, context) for name, fn in JOBS.items()}
-        yield {"futures": futures, "before": before, "context": context}
-        for future in futures.values():
-            future.cancel()
+    context = Context(
+        trained=trained, cli=cli, mktemp=mktemp, make_experiment=make_experiment,
+        unwritable=unwritable, server=corpus_server,
+    )  # fmt: skip
+    context.notes["before"] = trained.snapshot()
+    with JOBS.running(context) as pool:
+        yield pool
     unwritable.cleanup()
     out = os.environ.get(MESSAGES_ENV)
     if out:
         collected = {}
-        for name, future in futures.items():
+        for name, future in JOBS.futures.items():
             if future.done() and not future.cancelled() and future.exception() is None:
                 value = future.result()
                 results = value if isinstance(value, tuple) else (value,)
@@ -245,10 +147,6 @@ def runs(trained, cli, tmp_path_factory, make_experiment, corpus_server) -> Iter
                     if isinstance(r, subprocess.CompletedProcess)
                 ]
         Path(out).write_text(json.dumps(collected, indent=1), encoding="utf-8")
-
-
-def outcome(runs: dict, name: str) -> Any:
-    return runs["futures"][name].result(timeout=900)
 
 
 # --------------------------------------------------------------------------- one-line errors
@@ -446,7 +344,7 @@ def not_a_checkpoint(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(1, "ckpt_last_00000010.pt: vocabulary of 50 tokens", "gives 53")
+@row(1, "ckpt_last_00000020.pt: vocabulary of 50 tokens", "gives 53")
 def other_vocabulary(ctx: Context) -> Result:
     folder = ctx.data_copy("other_vocab")
     meta_path = folder / "data" / "meta.pkl"
@@ -465,7 +363,7 @@ def other_vocabulary(ctx: Context) -> Result:
 def newer_checkpoint(ctx: Context, name: str) -> Path:
     folder = ctx.mktemp(name)
     checkpoint = torch.load(
-        ctx.trained.ckpt / "ckpt_last_00000010.pt", map_location="cpu", weights_only=True
+        ctx.trained.ckpt / "ckpt_last_00000020.pt", map_location="cpu", weights_only=True
     )
     checkpoint["ml_playground"]["format_version"] = 99
     torch.save(checkpoint, folder / "newer.pt")
@@ -501,7 +399,7 @@ class Planted:
 def malicious_checkpoint(ctx: Context) -> Result:
     folder = ctx.mktemp("evil")
     checkpoint = torch.load(
-        ctx.trained.ckpt / "ckpt_last_00000010.pt", map_location="cpu", weights_only=True
+        ctx.trained.ckpt / "ckpt_last_00000020.pt", map_location="cpu", weights_only=True
     )
     checkpoint["ml_playground"]["payload"] = Planted(folder / "pwned")
     torch.save(checkpoint, folder / "evil.pt")
@@ -624,8 +522,8 @@ def disk_full_while_writing_a_checkpoint(ctx: Context) -> Result:
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
-def test_one_clear_line(name: str, runs: dict) -> None:
-    result = outcome(runs, name)
+def test_one_clear_line(name: str, runs: JobPool) -> None:
+    result = runs[name]
     if result is None:
         pytest.skip("cannot make a read-only folder here (root without mount)")
     if isinstance(result, tuple):
@@ -637,73 +535,68 @@ def test_one_clear_line(name: str, runs: dict) -> None:
 # --------------------------------------------------------------------------- row specifics
 
 
-def test_failed_commands_leave_the_trained_run_untouched(trained: Trained, runs: dict) -> None:
-    for name in JOBS:
-        runs["futures"][name].exception(timeout=900)  # wait for every case
-    assert trained.snapshot() == runs["before"]
+def test_failed_commands_leave_the_trained_run_untouched(trained: Trained, runs: JobPool) -> None:
+    runs.wait_all()
+    assert trained.snapshot() == runs.context.notes["before"]
 
 
-def test_empty_and_short_corpus_write_no_broken_artifacts(runs: dict) -> None:
-    _, prepare = outcome(runs, "corpus_shorter_than_a_block")
+def test_empty_and_short_corpus_write_no_broken_artifacts(runs: JobPool) -> None:
+    _, prepare = runs["corpus_shorter_than_a_block"]
     assert "prepare: wrote" in prepare.stdout
-    folder = runs["context"].notes["short_corpus"]
+    folder = runs.context.notes["short_corpus"]
     assert not (folder / "ckpt").exists()  # refused before anything was written
-    outcome(runs, "empty_corpus")
-    data = runs["context"].notes["empty_corpus"] / "data"
+    runs["empty_corpus"]
+    data = runs.context.notes["empty_corpus"] / "data"
     assert not data.exists() or not any(data.iterdir())
 
 
-def test_token_ids_outside_the_vocabulary_are_refused(runs: dict) -> None:
-    assert_one_error_line(outcome(runs, "token_ids_outside_vocabulary"), 1, "train.bin", "50")
+def test_token_ids_outside_the_vocabulary_are_refused(runs: JobPool) -> None:
+    assert_one_error_line(runs["token_ids_outside_vocabulary"], 1, "train.bin", "50")
 
 
-def test_sha256_mismatch_caches_nothing(runs: dict) -> None:
-    outcome(runs, "download_sha256_mismatch")
-    cache = runs["context"].notes["sha_cache"]
+def test_sha256_mismatch_caches_nothing(runs: JobPool) -> None:
+    runs["download_sha256_mismatch"]
+    cache = runs.context.notes["sha_cache"]
     downloads = [p for p in cache.rglob("*") if p.is_file()]
     # The cache folder also keeps Trainer's signature (configuration/trainer_args.py).
     assert [p.name for p in downloads if not p.name.startswith("trainer-signature-")] == []
 
 
-def test_malicious_checkpoint_runs_no_code(runs: dict) -> None:
-    outcome(runs, "malicious_checkpoint")
-    folder = runs["context"].notes["evil"]
+def test_malicious_checkpoint_runs_no_code(runs: JobPool) -> None:
+    runs["malicious_checkpoint"]
+    folder = runs.context.notes["evil"]
     assert not (folder / "pwned").exists()  # refused by weights_only=True: nothing ran
     torch.load(folder / "evil.pt", weights_only=False)  # the file really would run code
     assert (folder / "pwned").exists()
 
 
-def samples(stdout: str) -> list[str]:
-    return [chunk.rstrip("\n") for chunk in stdout.split(SEPARATOR + "\n")[:-1]]
-
-
-def test_zero_temperature_is_greedy(runs: dict) -> None:
-    result = outcome(runs, "zero_temperature")
+def test_zero_temperature_is_greedy(runs: JobPool) -> None:
+    result = runs["zero_temperature"]
     texts = samples(result.stdout)
     assert len(texts) == 3 and len(set(texts)) == 1, texts  # greedy: every sample the same
     assert texts[0].startswith("the ")
 
 
-def test_top_k_larger_than_the_vocabulary_is_clamped(runs: dict) -> None:
-    result = outcome(runs, "top_k_larger_than_vocabulary")
+def test_top_k_larger_than_the_vocabulary_is_clamped(runs: JobPool) -> None:
+    result = runs["top_k_larger_than_vocabulary"]
     texts = samples(result.stdout)
     assert len(texts) == 2 and all(t.startswith("the ") for t in texts)
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("name", ["loss_becomes_nan", "weights_become_nan_between_log_steps"])
-def test_nan_keeps_only_good_checkpoints(name: str, runs: dict) -> None:
-    outcome(runs, name)
-    ckpt = runs["context"].notes[name] / "ckpt"
+def test_nan_keeps_only_good_checkpoints(name: str, runs: JobPool) -> None:
+    runs[name]
+    ckpt = runs.context.notes[name] / "ckpt"
     files = ckpt_files(ckpt)
     assert "ckpt_last_00000000.pt" in files, files
     assert all(all_finite(ckpt / name) for name in files), files
     assert leftovers(ckpt) == [] and not (ckpt / LOCK_FILENAME).exists()
 
 
-def test_disk_full_keeps_earlier_checkpoints_and_no_partial_file(runs: dict) -> None:
-    outcome(runs, "disk_full_while_writing_a_checkpoint")
-    ckpt = runs["context"].notes["disk_full"] / "ckpt"
+def test_disk_full_keeps_earlier_checkpoints_and_no_partial_file(runs: JobPool) -> None:
+    runs["disk_full_while_writing_a_checkpoint"]
+    ckpt = runs.context.notes["disk_full"] / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_last_00000000.pt"]
     torch.load(ckpt / "ckpt_last_00000000.pt", map_location="cpu", weights_only=True)
 
@@ -711,30 +604,8 @@ def test_disk_full_keeps_earlier_checkpoints_and_no_partial_file(runs: dict) -> 
 # --------------------------------------------------------------------------- kill, lock, resume
 
 
-def start_fit(config: Path, folder: Path, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *flags],
-        cwd=folder,
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for(predicate: Callable[[], bool], process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"fit ended early: {process.stderr.read() if process.stderr else ''}")
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s")
-
-
 def test_random_sigkills_then_resume_with_lock(
-    tmp_path: Path, make_experiment, cli, runs: dict
+    tmp_path: Path, make_experiment, cli, runs: JobPool
 ) -> None:
     """Three runs killed with SIGKILL at random moments, each resumed; a second fit is refused
     while one runs; the stale lock a killed run leaves does not block the next one."""
@@ -746,7 +617,7 @@ def test_random_sigkills_then_resume_with_lock(
     killed_at = -1
     for attempt in range(3):
         resume = () if attempt == 0 else ("--ckpt_path", "last")
-        process = start_fit(config, tmp_path, *resume, "--trainer.max_steps", "100000", *every)
+        process = start_fit(config, *resume, "--trainer.max_steps", "100000", *every)
         try:
             wait_for(lambda since=killed_at: any(s > since for s in last_steps(ckpt)), process, 120)
             if attempt == 0:
@@ -760,7 +631,7 @@ def test_random_sigkills_then_resume_with_lock(
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        assert (ckpt / LOCK_FILENAME).read_text().split()[0] == str(process.pid)  # stale now
+        assert MarkerSoftFileLock(ckpt / LOCK_FILENAME).owner.pid == process.pid  # stale now
         for path in ckpt.glob("ckpt_*.pt"):  # every file under a final name is whole
             torch.load(path, map_location="cpu", weights_only=True)
         killed_at = max(last_steps(ckpt))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ml_playground.checkpoint_files import LAST_PATTERN
+from e2e.harness import Trained, last_steps, leftovers, start_fit, wait_for, wait_for_step
 from ml_playground.data import GPTDataModule, RandomWindows
 from ml_playground.prepare import load_tokens
 
@@ -62,37 +59,6 @@ def test_resume_is_exact(tmp_path: Path, make_experiment, cli) -> None:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
-def last_steps(folder: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in folder.glob("*") if (m := LAST_PATTERN.match(p.name)))
-
-
-def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if ".tmp" in p.name]
-
-
-def start_fit(config: Path, *flags: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *flags],
-        cwd=config.parent,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_step(folder: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(s >= step for s in last_steps(folder)):
-            return
-        if process.poll() is not None:
-            pytest.fail(f"fit ended early: {process.stderr.read() if process.stderr else ''}")
-        time.sleep(0.05)
-    pytest.fail(f"no checkpoint of step {step} within {timeout} s")
-
-
 @pytest.mark.parametrize("delay", [0.0, 0.37])
 def test_sigkill_mid_run_then_resume(tmp_path: Path, make_experiment, cli, delay: float) -> None:
     config = make_experiment(tmp_path)
@@ -120,32 +86,49 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, make_experiment, cli, delay
         torch.load(path, map_location="cpu", weights_only=True)  # every file is whole
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_writes_a_last_checkpoint_of_the_current_step(
-    tmp_path: Path, make_experiment, cli, sig: signal.Signals
+@pytest.mark.parametrize(
+    ("sig", "times", "keep_last"),
+    [(signal.SIGINT, 1, 2), (signal.SIGINT, 2, 2), (signal.SIGTERM, 1, 2), (signal.SIGINT, 1, 0)],
+    ids=["ctrl-c", "ctrl-c-twice", "sigterm", "ctrl-c-keep-last-0"],
+)
+def test_interrupt_says_what_holds_the_run_and_resumes(
+    tmp_path: Path, trained: Trained, cli, sig: signal.Signals, times: int, keep_last: int
 ) -> None:
-    config = make_experiment(tmp_path)
-    cli("prepare", "--config", config, cwd=tmp_path)
+    """The signal goes to the fit process itself. It ends with the documented code and one
+    line naming the checkpoint of the current step (or, with keep.last 0, the best one)."""
     ckpt = tmp_path / "ckpt"
-    # Only step 0 would be written on schedule: anything later comes from the interrupt.
-    process = start_fit(config, "--trainer.max_steps", "100000",
-                        "--checkpointing.every_n_steps", "100000")  # fmt: skip
+    run = (*trained.fit_flags(tmp_path)[2:], "--trainer.val_check_interval", "3",
+           "--checkpointing.keep.last", str(keep_last),
+           "--checkpointing.every_n_steps", "100000")  # fmt: skip
+    process = start_fit(trained.config, *run, "--trainer.max_steps", "100000", cwd=tmp_path)
     try:
-        wait_for_step(ckpt, 0, process)
-        time.sleep(1.5)
-        process.send_signal(sig)
+        wait_for(lambda: any(ckpt.glob("ckpt_best_*.pt")), process)
+        time.sleep(0.5)
+        for _ in range(times):
+            process.send_signal(sig)
+            time.sleep(0.05)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode != 0
+    assert process.returncode == (143 if sig == signal.SIGTERM else 130), stderr
     assert "Traceback" not in stderr
-    steps = last_steps(ckpt)
-    assert steps[0] == 0 and steps[-1] > 0, (steps, stderr)
-    assert leftovers(ckpt) == []
-    cli("fit", "--config", config, "--ckpt_path", "last",
-        "--trainer.max_steps", str(steps[-1] + 3), cwd=tmp_path)  # fmt: skip
-    assert max(last_steps(ckpt)) == steps[-1] + 3
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1, stderr
+    how = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted (Ctrl-C)"
+    step = int(re.match(rf"ml-playground: {re.escape(how)} at step (\d+); ", lines[0]).group(1))
+    assert step > 3 and leftovers(ckpt) == []
+    best = sorted(ckpt.glob("ckpt_best_*.pt"))
+    assert len(best) == 1  # the best checkpoint survived
+    if keep_last == 0:
+        assert last_steps(ckpt) == [] and "--ckpt_path last" not in lines[0]
+        assert f"{best[0]}: resume from it with --ckpt_path best" in lines[0]
+        return
+    assert last_steps(ckpt)[-1] == step
+    assert f"{ckpt / f'ckpt_last_{step:08d}.pt'} holds it; resume with --ckpt_path last" in lines[0]
+    cli("fit", "--config", trained.config, *run, "--ckpt_path", "last",
+        "--trainer.max_steps", str(step + 2), cwd=tmp_path)  # fmt: skip
+    assert last_steps(ckpt)[-1] == step + 2
 
 
 def test_sample_from_a_nanogpt_checkpoint(tmp_path: Path, make_experiment, cli) -> None:
@@ -288,3 +271,38 @@ def test_resume_with_another_accumulation_neither_replays_nor_skips_data(
     assert sums == [int(windows.batch(k, tokens)[0].sum()) for k in range(10)]
     state = torch.load(tmp_path / "ckpt" / "ckpt_last_00000006.pt", weights_only=True)
     assert state["GPTDataModule"]["batches_drawn"] == 10
+
+
+def test_resume_from_an_older_step_starts_a_branch_and_last_follows_it(
+    tmp_path: Path, trained: Trained, cli
+) -> None:
+    """fit to 20, resume from step 15 (the later files move aside), then `--ckpt_path last`
+    continues the new branch; every file of the branch left behind is still on disk."""
+    ckpt = tmp_path / "ckpt"
+    run = (*trained.fit_flags(tmp_path), "--trainer.val_check_interval", "5",
+           "--checkpointing.keep.best", "2")  # fmt: skip
+    cli("fit", *run, "--trainer.max_steps", "20", cwd=tmp_path)
+    first = {p.name: p.read_bytes() for p in ckpt.glob("ckpt_*.pt")}
+    assert last_steps(ckpt) == [15, 20]
+    later = sorted(name for name in first if int(name.split("_")[2][:8]) > 15)
+
+    branch = cli("fit", *run, "--ckpt_path", str(ckpt / "ckpt_last_00000015.pt"),
+                 "--trainer.max_steps", "25", cwd=tmp_path)  # fmt: skip
+    aside = ckpt / "branch_after_00000015"
+    assert f"moved to {aside}" in branch.stderr
+    assert sorted(p.name for p in aside.iterdir()) == sorted([*later, "ckpt_last_00000015.pt"])
+    for name in [*later, "ckpt_last_00000015.pt"]:
+        assert (aside / name).read_bytes() == first[name]  # the abandoned branch, untouched
+    assert last_steps(ckpt) == [20, 25]
+    assert torch.load(ckpt / "ckpt_last_00000020.pt", weights_only=True)["global_step"] == 20
+    for line in branch.stdout.splitlines():  # every path the report names exists
+        for word in line.split():
+            if word.startswith(str(ckpt)):
+                assert Path(word).is_file(), line
+
+    cli("fit", *run, "--ckpt_path", "last", "--trainer.max_steps", "30", cwd=tmp_path)
+    assert last_steps(ckpt) == [25, 30]  # the new branch went on
+    state = torch.load(ckpt / "ckpt_last_00000030.pt", weights_only=True)["callbacks"]
+    for path in state["GPTCheckpoint"]["best_k_models"]:
+        assert Path(path).parent == ckpt and Path(path).is_file()
+    assert sorted(p.name for p in aside.iterdir()) == sorted([*later, "ckpt_last_00000015.pt"])

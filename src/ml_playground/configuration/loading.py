@@ -32,7 +32,6 @@ SAMPLE_OVERRIDES_ENV = "ML_PLAYGROUND_SAMPLE_OVERRIDES"
 DEFAULTS, COMMAND_LINE = "packaged defaults", "command line"  # origins that are not files
 NULL = "null"  # TOML has no null: this string stands for None, as jsonargparse reads it
 MAX_DEPTH = 32  # deeper tables cannot be configuration
-EXAMPLE = '{"trainer": {"max_steps": 5}}'
 
 
 def packaged_defaults() -> dict[str, Any]:
@@ -44,7 +43,8 @@ def read_toml(path: str) -> dict[str, Any]:
     """A config file as strict UTF-8 TOML (read before jsonargparse does, which would take a
     missing path for an inline config string)."""
     try:
-        return tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+        data = Path(path).read_bytes()
+        return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         problem = "config file not found"
     except UnicodeDecodeError as exc:
@@ -52,7 +52,8 @@ def read_toml(path: str) -> dict[str, Any]:
     except OSError as exc:
         problem = f"cannot read config file ({exc.strerror})"
     except tomllib.TOMLDecodeError as exc:
-        problem = f"not valid TOML: {exc}"
+        hint = "; it starts with a byte-order mark (BOM): save it as UTF-8 without one"
+        problem = f"not valid TOML: {exc}" + (hint if data.startswith(b"\xef\xbb\xbf") else "")
     except RecursionError:
         problem = "nested too deeply to be a configuration"
     raise ConfigError(f"{path}: {problem}")
@@ -71,7 +72,7 @@ def read_env(variable: str) -> dict[str, Any] | None:
         if data is None or isinstance(data, dict):
             return data
         problem = f"got {type(data).__name__}"
-    raise ConfigError(f"{variable}: {problem}; expected a JSON object such as {EXAMPLE}")
+    raise ConfigError(f'{variable}: {problem}; expected a JSON object such as {{"trainer": {{}}}}')
 
 
 def leaves(data: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
@@ -285,8 +286,7 @@ def dump_toml(data: Mapping[str, Any]) -> str:
             return [nulls(v) for v in value]
         return NULL if value is None else value
 
-    ordered = sorted(data.items(), key=lambda item: isinstance(item[1], dict))
-    return tomli_w.dumps(nulls(dict(ordered)))
+    return tomli_w.dumps(nulls(dict(sorted(data.items(), key=lambda i: isinstance(i[1], dict)))))
 
 
 # --------------------------------------------------------------------------- Python API

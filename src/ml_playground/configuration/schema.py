@@ -11,12 +11,12 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from ml_playground.checkpointing import CheckpointingConfig
+from ml_playground.checkpoint_writing import CheckpointingConfig
 from ml_playground.data import DataConfig
-from ml_playground.model.module import ModelConfig
+from ml_playground.module import ModelConfig
 from ml_playground.prepare.run import PrepareConfig
 from ml_playground.sampling import SampleConfig  # the sections, beside the classes they configure
-from ml_playground.settings import AnchoredPath, Section
+from ml_playground.settings import AnchoredPath, Section, Seed
 
 # Trainer arguments the project sets itself: a user value would silently fight ours.
 MANAGED_TRAINER_KEYS = {
@@ -34,7 +34,7 @@ class ExperimentConfig(Section):
         description="name of the run, used for log and checkpoint folders",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
     )
-    seed_everything: int = Field(description="global random seed (torch, numpy, python, data)")
+    seed_everything: Seed = Field(description="global random seed (torch, numpy, python, data)")
     log_dir: AnchoredPath = Field(
         description="TensorBoard logs go to <log_dir>/<experiment>/version_N"
     )

@@ -214,6 +214,14 @@ class GPT(nn.Module):
         return self.lm_head(x[:, -1, :]), cache
 
     @torch.no_grad()
+    def default_refresh_keep(self) -> int | None:
+        """The `refresh_keep` that `sample` and the TensorBoard text sample use: past the
+        context window, refill the KV cache from its last 3/4 (>= 3/4 of the context is kept)
+        rather than recompute the whole window for every token. A one-token context has
+        nothing to keep: None, nanoGPT's exact recompute."""
+        block_size = self.config.block_size
+        return max(1, block_size * 3 // 4) if block_size > 1 else None
+
     def generate(
         self,
         idx: Tensor,

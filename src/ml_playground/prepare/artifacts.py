@@ -10,15 +10,12 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from ml_playground.errors import ConfigError, DataError
+from ml_playground.errors import DataError
 from ml_playground.files import fsync_dir, sync_and_close, temporary_name, write_atomic
-
-if TYPE_CHECKING:
-    from ml_playground.prepare.tokenizers import Tokenizer
 
 META_FORMAT_VERSION = 1
 TRAIN_FILE = "train.bin"
@@ -42,34 +39,11 @@ def _loads_plain(data: bytes) -> Any:
     return _PlainDataUnpickler(io.BytesIO(data)).load()
 
 
-def _as_ids(ids: np.ndarray, split: str, vocab_size: int, out_dir: Path) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise DataError(
-            f"{split} ids for {out_dir} must be a 1-D integer array, got shape {arr.shape} "
-            f"dtype {arr.dtype}; fix the preparer"
-        )
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
-        raise DataError(
-            f"{split} ids for {out_dir} span {int(arr.min())}..{int(arr.max())}, outside the "
-            f"vocabulary 0..{vocab_size - 1}; fix the tokenizer or meta['vocab_size']"
-        )
-    if arr.size < MIN_SPLIT_TOKENS:
-        raise DataError(
-            f"corpus too short: the {split} split for {out_dir} has {arr.size} tokens (need at "
-            f"least {MIN_SPLIT_TOKENS}); use a longer corpus or change prepare.val_fraction"
-        )
-    return arr
-
-
-def _check_vocab_size(meta: dict, out_dir: Path) -> int:
-    vocab_size = meta.get("vocab_size")
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-        raise DataError(
-            f"meta for {out_dir} needs a positive int 'vocab_size', got {vocab_size!r}; "
-            "fix the preparer"
-        )
-    return vocab_size
+def check_vocab_size(value: object, what: str, fix: str) -> int:
+    """``value`` if it is a usable vocabulary size (a positive int); else a DataError."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{what} lacks a positive int 'vocab_size' (got {value!r}); {fix}")
+    return value
 
 
 def dtype_for(vocab_size: int) -> str:
@@ -121,7 +95,7 @@ class TokenFile:
 
 
 class ArtifactWriter:
-    """The streaming sibling of :func:`write_bin_and_meta`: same files, same atomicity.
+    """Writes ``train.bin``, ``val.bin`` and ``meta.pkl`` atomically, tokens streamed in.
 
     ``with ArtifactWriter(out_dir, vocab_size) as w: w.train.write(ids); ...; w.commit(meta)``.
     Tokens go to temporary files that grow chunk by chunk; ``commit`` renames them into place
@@ -129,9 +103,11 @@ class ArtifactWriter:
     the temporary files and leaves no artifact under a final name.
     """
 
-    def __init__(self, out_dir: Path, vocab_size: int) -> None:
+    def __init__(self, out_dir: Path, vocab_size: object) -> None:
         self.out_dir = Path(out_dir)
-        self.vocab_size = _check_vocab_size({"vocab_size": vocab_size}, self.out_dir)
+        self.vocab_size = check_vocab_size(
+            vocab_size, f"meta for {self.out_dir}", "fix the preparer"
+        )
         self.dtype = dtype_for(self.vocab_size)
         self._files: list[TokenFile] = []
 
@@ -149,10 +125,10 @@ class ArtifactWriter:
 
     def commit(self, meta: dict) -> dict:
         """Check the sizes, rename both token files into place, then write ``meta.pkl``."""
-        if _check_vocab_size(meta, self.out_dir) != self.vocab_size:
+        if meta.get("vocab_size") != self.vocab_size:
             raise DataError(
-                f"meta for {self.out_dir} says vocab_size {meta['vocab_size']} but the tokens "
-                f"were written for {self.vocab_size}; fix the preparer"
+                f"meta for {self.out_dir} says vocab_size {meta.get('vocab_size')!r} but the "
+                f"tokens were written for {self.vocab_size}; fix the preparer"
             )
         for f in self._files:
             if f.count < MIN_SPLIT_TOKENS:
@@ -194,21 +170,18 @@ def _plain_payload(meta: dict, out_dir: Path) -> bytes:
 
 
 def write_bin_and_meta(
-    out_dir: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict
+    out_dir: Path,
+    train_ids: np.ndarray | Sequence[int],
+    val_ids: np.ndarray | Sequence[int],
+    meta: dict,
 ) -> dict:
-    """Write ``train.bin``, ``val.bin`` and then ``meta.pkl`` into ``out_dir``; return the meta.
+    """Write given token ids as ``train.bin`` and ``val.bin``, then ``meta.pkl``; return the meta.
 
-    Everything is checked before anything is written; large corpora use :class:`ArtifactWriter`
-    (which this wraps) to stream tokens instead of holding them in memory.
+    The in-memory face of :class:`ArtifactWriter`, which checks and writes everything.
     """
-    out_dir = Path(out_dir)
-    vocab_size = _check_vocab_size(meta, out_dir)
-    train = _as_ids(train_ids, "train", vocab_size, out_dir)
-    val = _as_ids(val_ids, "val", vocab_size, out_dir)
-    _plain_payload({**meta, "dtype": dtype_for(vocab_size)}, out_dir)
-    with ArtifactWriter(out_dir, vocab_size) as writer:
-        writer.train.write(train)
-        writer.val.write(val)
+    with ArtifactWriter(Path(out_dir), meta.get("vocab_size")) as writer:
+        writer.train.write(train_ids)
+        writer.val.write(val_ids)
         return writer.commit(meta)
 
 
@@ -232,9 +205,7 @@ def read_meta(path: Path) -> dict:
         ) from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a {type(meta).__name__}, not a dict; {hint}")
-    vocab_size = meta.get("vocab_size")
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-        raise DataError(f"{path} lacks a positive int 'vocab_size' (got {vocab_size!r}); {hint}")
+    check_vocab_size(meta.get("vocab_size"), str(path), hint)
     if "stoi" in meta:
         meta.setdefault("tokenizer", "char")
         meta.setdefault("encoding", None)
@@ -317,29 +288,3 @@ def load_tokens(path: Path, dtype: str) -> np.memmap:
             f"({dtype}); rebuild it with `ml-playground prepare --force`"
         )
     return np.memmap(path, dtype=np_dtype, mode="r")
-
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Split like nanoGPT: the first ``int(n * (1 - val_fraction))`` characters train."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"prepare.val_fraction must be between 0 and 1, got {val_fraction}")
-    cut = int(len(text) * (1 - val_fraction))
-    return text[:cut], text[cut:]
-
-
-def prepare_text(
-    text: str, tokenizer: Tokenizer, out_dir: Path, val_fraction: float, *, source: str = "corpus"
-) -> dict:
-    """Split ``text``, encode both parts with ``tokenizer`` and write the artifacts."""
-    if not text:
-        raise DataError(f"{source} is empty; give a non-empty UTF-8 text corpus")
-    train_text, val_text = split_text(text, val_fraction)
-    train = np.asarray(tokenizer.encode(train_text), dtype=np.int64)
-    val = np.asarray(tokenizer.encode(val_text), dtype=np.int64)
-    if min(train.size, val.size) < MIN_SPLIT_TOKENS:
-        raise DataError(
-            f"corpus too short: {source} gives {train.size} train and {val.size} val tokens "
-            f"(need at least {MIN_SPLIT_TOKENS} each); use a longer corpus or change "
-            "prepare.val_fraction"
-        )
-    return write_bin_and_meta(out_dir, train, val, tokenizer.meta())

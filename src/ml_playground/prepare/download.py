@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ml_playground.errors import ConfigError, DataError
+from ml_playground.errors import DataError
 from ml_playground.files import atomic_file
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_dir() -> Path:
@@ -48,15 +46,6 @@ def _sha256_of(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _normalized(sha256: str | None) -> str | None:
-    if sha256 is None:
-        return None
-    value = sha256.strip().lower()
-    if not _SHA256_RE.fullmatch(value):
-        raise ConfigError(f"prepare.source_sha256 must be 64 hex digits, got {sha256!r}")
-    return value
 
 
 def _check(path: Path, expected: str | None, fix: str) -> None:
@@ -91,9 +80,12 @@ def _download(url: str, dest: Path, expected: str | None, timeout: float) -> Non
             )
 
 
-def fetch(source: str | Path, sha256: str | None, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Local path of ``source``, downloading an http(s) URL into the cache when needed."""
-    expected = _normalized(sha256)
+def fetch(source: str | Path, expected: str | None, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Local path of ``source``, downloading an http(s) URL into the cache when needed.
+
+    ``expected`` (a sha256 in lowercase hex, as ``prepare.source_sha256`` admits) is checked
+    when given.
+    """
     if is_url(source):
         url = str(source)
         cached = cached_path_for(url)

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from ml_playground.errors import ConfigError, DataError
 from ml_playground.prepare.artifacts import (
-    META_FILE,
     artifacts_ready,
     dataset_meta,
     is_nanogpt_gpt2_folder,
 )
 from ml_playground.prepare.download import fetch, is_url
-from ml_playground.prepare.stream import DEFAULT_CHUNK_BYTES, prepare_corpus
-from ml_playground.prepare.tokenizers import TiktokenTokenizer, parse_tokenizer_spec
+from ml_playground.prepare.stream import Split, prepare_corpus
+from ml_playground.prepare.tokenizers import TiktokenTokenizer
 from ml_playground.settings import Section, Source
 
 
@@ -48,7 +46,7 @@ class PrepareConfig(Section):
         gt=0.0,
         lt=1.0,
     )
-    split: Literal["contiguous", "documents"] = Field(
+    split: Split = Field(
         description="\"contiguous\": nanoGPT's split, the text's last val_fraction validates; "
         '"documents": a random val_fraction of the documents (seeded by seed_everything)'
     )
@@ -63,6 +61,12 @@ class PrepareConfig(Section):
     num_threads: int = Field(
         description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
     )
+
+    @property
+    def encoding(self) -> str | None:
+        """The tiktoken encoding named by ``tokenizer``; None for "char"."""
+        kind, _, name = self.tokenizer.partition(":")
+        return name if kind == "tiktoken" else None
 
 
 def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:
@@ -96,64 +100,42 @@ def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:
     return [path]
 
 
-def _check_same_settings(
-    meta: dict, kind: str, encoding: str | None, split: str, where: Path
-) -> None:
-    have = (meta.get("tokenizer"), meta.get("encoding") if kind == "tiktoken" else None)
+def _check_same_settings(meta: dict, settings: PrepareConfig, where: Path) -> None:
+    encoding = settings.encoding
+    have = (meta.get("tokenizer"), meta.get("encoding") if encoding else None)
     hint = "pass --force to rebuild them or choose another data.dataset_dir"
-    if "tokenizer" in meta and have != (kind, encoding):
-        want = kind if encoding is None else f"{kind}:{encoding}"
+    if "tokenizer" in meta and have != ("char" if encoding is None else "tiktoken", encoding):
         got = have[0] if have[1] is None else f"{have[0]}:{have[1]}"
         raise DataError(
             f"{where} holds artifacts for tokenizer {got!r} but prepare.tokenizer is "
-            f"{want!r}; {hint}"
+            f"{settings.tokenizer!r}; {hint}"
         )
-    if meta.get("split", split) != split:
+    if meta.get("split", settings.split) != settings.split:
         raise DataError(
-            f"{where} holds artifacts split {meta['split']!r} but prepare.split is {split!r}; "
-            f"{hint}"
+            f"{where} holds artifacts split {meta['split']!r} but prepare.split is "
+            f"{settings.split!r}; {hint}"
         )
 
 
 def run_prepare(
-    source: str | Path,
-    source_sha256: str | None,
-    tokenizer: str,
-    val_fraction: float,
+    settings: PrepareConfig,
     dataset_dir: Path,
-    force: bool = False,
     *,
-    split: str = "contiguous",
-    seed: int = 0,
-    document_separator: str = "",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    num_threads: int = 0,
+    seed: int,
+    force: bool = False,
     progress: bool = False,
 ) -> tuple[bool, dict]:
-    """Prepare ``dataset_dir`` from ``source``; return ``(did_work, meta)``."""
-    kind, encoding = parse_tokenizer_spec(tokenizer)
+    """Prepare ``dataset_dir`` as ``settings`` say; return ``(did_work, meta)``.
+
+    ``seed`` draws the validation documents of ``split = "documents"``.
+    """
     dataset_dir = Path(dataset_dir)
     if not force and (artifacts_ready(dataset_dir) or is_nanogpt_gpt2_folder(dataset_dir)):
         meta = dataset_meta(dataset_dir)
-        _check_same_settings(meta, kind, encoding, split, dataset_dir)
+        _check_same_settings(meta, settings, dataset_dir)
         return False, meta
-    files = resolve_source(source, source_sha256)
-    tok: str | TiktokenTokenizer = "char"
-    if kind == "tiktoken":
-        assert encoding is not None
-        tok = TiktokenTokenizer(encoding)
-    meta = prepare_corpus(
-        files,
-        tok,
-        dataset_dir,
-        val_fraction,
-        split=split,
-        seed=seed,
-        document_separator=document_separator,
-        chunk_bytes=chunk_bytes,
-        num_threads=num_threads,
-        progress=progress,
-        source=str(source),
-    )
-    assert (dataset_dir / META_FILE).is_file()
+    encoding = settings.encoding
+    tokenizer = "char" if encoding is None else TiktokenTokenizer(encoding)
+    files = resolve_source(settings.source, settings.source_sha256 or None)
+    meta = prepare_corpus(files, tokenizer, dataset_dir, settings, seed=seed, progress=progress)
     return True, meta

@@ -27,22 +27,21 @@ import codecs
 import itertools
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from tqdm import tqdm
 
-from ml_playground.errors import ConfigError, DataError
+from ml_playground.errors import DataError
 from ml_playground.prepare.artifacts import ArtifactWriter, TokenFile
 from ml_playground.prepare.tokenizers import CharTokenizer, TiktokenTokenizer
 
+if TYPE_CHECKING:
+    from ml_playground.prepare.run import PrepareConfig
+
 Split = Literal["contiguous", "documents"]
-SPLITS: tuple[str, ...] = ("contiguous", "documents")
-DEFAULT_CHUNK_BYTES = 4 << 20  # the API default; configs use prepare.chunk_bytes
-_PROGRESS_EVERY_S = 0.25
-_QUIET_BELOW_BYTES = 64 << 20  # off a terminal, only corpora this large report progress
 
 
 # --------------------------------------------------------------------------- reading
@@ -112,57 +111,11 @@ def iter_documents(
 # --------------------------------------------------------------------------- progress
 
 
-class Progress:
-    """One status line on stderr: bytes read, tokens written, MB/s and tokens/s.
-
-    On a terminal it redraws in place; elsewhere it prints a line per quarter, and only for a
-    corpus of at least 64 MB, so logs stay short.
-    """
-
-    def __init__(
-        self, label: str, total_bytes: int, enabled: bool, stream: TextIO | None = None
-    ) -> None:
-        self.stream = stream or sys.stderr
-        self.label, self.total = label, max(total_bytes, 1)
-        self.tty = enabled and self.stream.isatty()
-        self.enabled = enabled and (self.tty or total_bytes >= _QUIET_BELOW_BYTES)
-        self.bytes = self.tokens = 0
-        self.start = self._last = time.perf_counter()
-        self._quarter = 0
-
-    def add_bytes(self, n: int) -> None:
-        self.bytes += n
-        self._maybe_show()
-
-    def add_tokens(self, n: int) -> None:
-        self.tokens += n
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        mb = self.bytes / 1e6
-        return (
-            f"{self.label}: {mb:,.1f}/{self.total / 1e6:,.1f} MB "
-            f"({100 * self.bytes / self.total:.0f}%), {self.tokens:,} tokens, "
-            f"{mb / elapsed:,.1f} MB/s, {self.tokens / elapsed:,.0f} tokens/s"
-        )
-
-    def _maybe_show(self) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            now = time.perf_counter()
-            if now - self._last >= _PROGRESS_EVERY_S:
-                self._last = now
-                print("\r" + self.line(), end="", file=self.stream, flush=True)
-            return
-        quarter = 4 * self.bytes // self.total
-        if quarter > self._quarter and quarter < 4:
-            self._quarter = quarter
-            print(self.line(), file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(("\r" if self.tty else "") + self.line(), file=self.stream, flush=True)
+def _bar(label: str, total_bytes: int, show: bool) -> tqdm:
+    """A progress bar of bytes read on stderr (silent unless ``show``)."""
+    return tqdm(
+        total=total_bytes, desc=label, unit="B", unit_scale=True, disable=not show, file=sys.stderr
+    )
 
 
 # --------------------------------------------------------------------------- encoding
@@ -229,11 +182,10 @@ class _BpeStream:
         self,
         tokenizer: TiktokenTokenizer,
         sink: TokenFile,
-        progress: Progress,
         chunk_chars: int,
         threads: int,
     ) -> None:
-        self.tokenizer, self.sink, self.progress = tokenizer, sink, progress
+        self.tokenizer, self.sink = tokenizer, sink
         self.eot = tokenizer.eot_token
         self.threads = threads
         self.batch_chars = max(chunk_chars, 1)
@@ -247,7 +199,7 @@ class _BpeStream:
         if new_document and self.started:
             self._flush(final=True)
             if self.eot is not None:
-                self._write(np.array([self.eot], dtype=np.int64))
+                self.sink.write(np.array([self.eot], dtype=np.int64))
         self.started = True
         self.buffer.append(text)
         self.size += len(text)
@@ -256,10 +208,6 @@ class _BpeStream:
 
     def finish(self) -> None:
         self._flush(final=True)
-
-    def _write(self, ids: np.ndarray) -> None:
-        self.sink.write(ids)
-        self.progress.add_tokens(int(ids.size))
 
     def _flush(self, final: bool) -> None:
         text = "".join(self.buffer)
@@ -275,21 +223,19 @@ class _BpeStream:
         encoded = self.tokenizer.encode_batch(pieces, self.threads)
         total = sum(len(ids) for ids in encoded)
         ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=total)
-        self._write(ids)
+        self.sink.write(ids)
 
 
 class _CharStream:
     """Maps characters to ids through the sorted code points of the vocabulary."""
 
-    def __init__(self, chars: Sequence[str], sink: TokenFile, progress: Progress) -> None:
+    def __init__(self, chars: Sequence[str], sink: TokenFile) -> None:
         self.codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
-        self.sink, self.progress = sink, progress
+        self.sink = sink
 
     def add(self, new_document: bool, text: str) -> None:
         points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-        ids = np.searchsorted(self.codepoints, points)
-        self.sink.write(ids)
-        self.progress.add_tokens(int(ids.size))
+        self.sink.write(np.searchsorted(self.codepoints, points))
 
     def finish(self) -> None:
         pass
@@ -327,41 +273,31 @@ def prepare_corpus(
     files: Sequence[Path],
     tokenizer: str | TiktokenTokenizer,
     out_dir: Path,
-    val_fraction: float,
+    settings: PrepareConfig,
     *,
-    split: str = "contiguous",
-    seed: int = 0,
-    document_separator: str = "",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    num_threads: int = 0,
+    seed: int,
     progress: bool = False,
-    source: str = "corpus",
 ) -> dict:
-    """Tokenize ``files`` (in order) with ``tokenizer`` ("char" or a tiktoken tokenizer) into
-    ``out_dir``, streaming; return the meta written to ``meta.pkl``."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"prepare.val_fraction must be between 0 and 1, got {val_fraction}")
-    if split not in SPLITS:
-        raise ConfigError(f"prepare.split must be one of {SPLITS}, got {split!r}")
-    if chunk_bytes < 1:
-        raise ConfigError(f"prepare.chunk_bytes must be positive, got {chunk_bytes}")
+    """Tokenize ``files`` (in order) into ``out_dir`` as ``settings`` say, streaming; return the
+    meta written to ``meta.pkl``. ``settings.tokenizer`` is not read: ``tokenizer`` is "char" or
+    a tiktoken tokenizer; ``seed`` draws the validation documents of ``split = "documents"``."""
+    source, split, val_fraction = settings.source, settings.split, settings.val_fraction
+    separator, chunk_bytes = settings.document_separator, settings.chunk_bytes
     if not files:
         raise DataError(f"{source} holds no files; point prepare.source at UTF-8 text")
-    threads = num_threads or os.cpu_count() or 1
+    threads = settings.num_threads or os.cpu_count() or 1
     total_bytes = sum(Path(p).stat().st_size for p in files)
-    show = progress
 
     # Pass 1: characters, documents and (for char) the vocabulary.
-    scan = Progress("prepare: scanning", total_bytes, show)
     n_chars = n_docs = 0
     chars: set[str] = set()
     is_char = tokenizer == "char"
-    for new, text in iter_documents(files, document_separator, chunk_bytes, scan.add_bytes):
-        n_docs += new
-        n_chars += len(text)
-        if is_char:
-            chars.update(text)
-    scan.close()
+    with _bar("prepare: scanning", total_bytes, progress) as scan:
+        for new, text in iter_documents(files, separator, chunk_bytes, scan.update):
+            n_docs += new
+            n_chars += len(text)
+            if is_char:
+                chars.update(text)
     if n_chars == 0:
         raise DataError(f"{source} is empty; give a non-empty UTF-8 text corpus")
 
@@ -380,26 +316,31 @@ def prepare_corpus(
 
     # Pass 2: tokenize into the growing token files.
     if isinstance(tokenizer, TiktokenTokenizer):
-        tok_meta = tokenizer.meta()
-        vocab_size = tokenizer.vocab_size
+        tok_meta, vocab_size = tokenizer.meta(), tokenizer.vocab_size
     else:
         char_tok = CharTokenizer(sorted(chars))
         tok_meta, vocab_size = char_tok.meta(), char_tok.vocab_size
-    bar = Progress("prepare: tokenizing", total_bytes, show)
-    with ArtifactWriter(Path(out_dir), vocab_size) as writer:
+    with (
+        ArtifactWriter(Path(out_dir), vocab_size) as writer,
+        _bar("prepare: tokenizing", total_bytes, progress) as bar,
+    ):
+        sinks = (writer.train, writer.val)
         streams: list[_BpeStream | _CharStream]
         if isinstance(tokenizer, TiktokenTokenizer):
-            streams = [
-                _BpeStream(tokenizer, sink, bar, chunk_bytes, threads)
-                for sink in (writer.train, writer.val)
-            ]
+            streams = [_BpeStream(tokenizer, sink, chunk_bytes, threads) for sink in sinks]
         else:
-            streams = [_CharStream(sorted(chars), sink, bar) for sink in (writer.train, writer.val)]
-        documents = iter_documents(files, document_separator, chunk_bytes, bar.add_bytes)
-        _route(documents, streams, split, cut, val_docs)
+            streams = [_CharStream(sorted(chars), sink) for sink in sinks]
+
+        def on_bytes(n: int) -> None:
+            bar.set_postfix_str(f"{writer.train.count + writer.val.count:,} tokens", refresh=False)
+            bar.update(n)
+
+        _route(
+            iter_documents(files, separator, chunk_bytes, on_bytes), streams, split, cut, val_docs
+        )
         for stream in streams:
             stream.finish()
-        bar.close()
+        on_bytes(0)
         meta = {**tok_meta, "split": split}
         if split == "documents":
             meta.update(

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import tiktoken
 
-from ml_playground.errors import ConfigError, DataError, SamplingError
+from ml_playground.errors import DataError, SamplingError
 
 _EOT = "<|endoftext|>"
 _MAX_LISTED = 10
@@ -33,9 +33,23 @@ class Tokenizer(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text for token ids."""
 
+    @property
     @abstractmethod
+    def encoding_name(self) -> str | None:
+        """The tiktoken encoding, or None for a char vocabulary."""
+
+    @abstractmethod
+    def _tables(self) -> dict:
+        """What besides the common keys rebuilds this tokenizer from ``meta.pkl``."""
+
     def meta(self) -> dict:
         """What goes into ``meta.pkl``."""
+        return {
+            "vocab_size": self.vocab_size,
+            "tokenizer": "char" if self.encoding_name is None else "tiktoken",
+            "encoding": self.encoding_name,
+            **self._tables(),
+        }
 
 
 def _listed(items: Sequence[object]) -> str:
@@ -51,11 +65,6 @@ class CharTokenizer(Tokenizer):
             raise DataError("a char vocabulary must be a non-empty list of distinct characters")
         self._itos = list(chars)
         self._stoi = {ch: i for i, ch in enumerate(self._itos)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        """The vocabulary of ``text``: its distinct characters, sorted."""
-        return cls(sorted(set(text)))
 
     @classmethod
     def from_meta(cls, meta: dict) -> CharTokenizer:
@@ -102,20 +111,19 @@ class CharTokenizer(Tokenizer):
                 f"token ids outside the char vocabulary 0..{len(itos) - 1}: {_listed(bad)}"
             ) from None
 
-    def meta(self) -> dict:
-        return {
-            "vocab_size": self.vocab_size,
-            "itos": dict(enumerate(self._itos)),
-            "stoi": dict(self._stoi),
-            "tokenizer": "char",
-            "encoding": None,
-        }
+    @property
+    def encoding_name(self) -> None:
+        return None
+
+    def _tables(self) -> dict:
+        return {"itos": dict(enumerate(self._itos)), "stoi": dict(self._stoi)}
 
 
 def _get_encoding(name: str) -> tiktoken.Encoding:
     if name not in tiktoken.list_encoding_names():
         raise DataError(
-            f"unknown tiktoken encoding {name!r}; choose one of {tiktoken.list_encoding_names()}"
+            f"unknown tiktoken encoding {name!r}; prepare.tokenizer takes tiktoken:<encoding> "
+            f"with one of {tiktoken.list_encoding_names()}"
         )
     try:
         return tiktoken.get_encoding(name)
@@ -167,13 +175,8 @@ class TiktokenTokenizer(Tokenizer):
                 f"cannot decode token ids with tiktoken encoding {self._enc.name!r} ({e})"
             ) from None
 
-    def meta(self) -> dict:
-        return {
-            "vocab_size": self.vocab_size,
-            "tokenizer": "tiktoken",
-            "encoding": self._enc.name,
-            "eot_token": self.eot_token,
-        }
+    def _tables(self) -> dict:
+        return {"eot_token": self.eot_token}
 
 
 def tokenizer_from_meta(meta: dict) -> Tokenizer:
@@ -192,24 +195,6 @@ def tokenizer_from_meta(meta: dict) -> Tokenizer:
     raise DataError(
         f"meta.pkl names an unknown tokenizer {kind!r} (expected 'char' or 'tiktoken'); "
         "rebuild it with `ml-playground prepare --force`"
-    )
-
-
-def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
-    """Split a `prepare.tokenizer` value: "char" or "tiktoken:<encoding>" → (kind, encoding)."""
-    if spec == "char":
-        return "char", None
-    kind, sep, name = spec.partition(":")
-    if kind == "tiktoken" and sep:
-        if name in tiktoken.list_encoding_names():
-            return "tiktoken", name
-        raise ConfigError(
-            f"prepare.tokenizer {spec!r}: unknown tiktoken encoding {name!r}; choose one of "
-            f"{tiktoken.list_encoding_names()}"
-        )
-    raise ConfigError(
-        f"prepare.tokenizer must be 'char' or 'tiktoken:<encoding>' (e.g. 'tiktoken:gpt2'), "
-        f"got {spec!r}"
     )
 
 

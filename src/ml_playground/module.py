@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from ml_playground.errors import TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
+from ml_playground.monitoring import completed_step
 from ml_playground.settings import Section
 
 
@@ -161,7 +162,7 @@ class GPTLightningModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
         _, loss = self.model(x, y)
-        if (self.trainer.global_step + 1) % _log_interval(self.trainer) == 0:
+        if completed_step(self.trainer.global_step) % _log_interval(self.trainer) == 0:
             # Only on the steps Lightning writes out: self.log costs ~1 ms per call on a CPU.
             self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -1,6 +1,6 @@
 """Checkpoint files without Lightning: names, finding `last` / `best`, safe reading and
 validation. `sample` needs only these, so it starts without importing Lightning; the
-Lightning callback that writes checkpoints lives in `checkpointing.py`."""
+Lightning callback that writes checkpoints lives in `checkpoint_writing.py`."""
 
 from __future__ import annotations
 
@@ -25,22 +25,24 @@ _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def last_name(step: int) -> str:
-    return f"ckpt_last_{step:08d}.pt"
-
-
-def best_name(step: int, metric: str, value: float) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
-    return f"ckpt_best_{step:08d}_{slug}={value:.4f}.pt"
-
-
 def managed_files(dirpath: Path, kind: str) -> list[Path]:
     """This kind's checkpoint files in the folder, oldest step first."""
     pattern = LAST_PATTERN if kind == "last" else BEST_PATTERN
     if not dirpath.is_dir():
         return []
     found = [p for p in dirpath.iterdir() if pattern.match(p.name)]
-    return sorted(found, key=lambda p: (int(p.name.split("_")[2][:8]), p.name))
+    return sorted(found, key=lambda p: (file_step(p), p.name))
+
+
+def file_step(path: Path) -> int:
+    """The optimizer step in a `ckpt_last_*` / `ckpt_best_*` file name."""
+    return int(path.name.split("_")[2][:8])
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file holds, read without loading its tensors."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint["global_step"])
 
 
 def find_checkpoint(dirpath: Path, which: str) -> Path:
