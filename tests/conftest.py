@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,18 +146,88 @@ def format_result(result: subprocess.CompletedProcess) -> str:
     )
 
 
+class WarmCli:
+    """Runs commands through tests/cli_server.py: a process that imported the CLI once and
+    forks a real child process per command (set ML_PLAYGROUND_TEST_COLD=1 to start a fresh
+    `python -m ml_playground` per command instead)."""
+
+    def __init__(self, env: Mapping[str, str], folder: Path) -> None:
+        self.folder = folder
+        read_end, write_end = os.pipe()
+        server = Path(__file__).with_name("cli_server.py")
+        self.process = subprocess.Popen(
+            [sys.executable, str(server), str(write_end)],
+            stdin=subprocess.PIPE,
+            pass_fds=(write_end,),
+            env=dict(env),
+        )
+        os.close(write_end)
+        self.replies = os.fdopen(read_end, "r")
+        self.lock = threading.Lock()
+        self.slots: dict[str, dict[str, Any]] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.replies:
+            message = json.loads(line)
+            slot = self.slots[message["id"]]
+            slot.update(message)
+            if "code" in message:
+                slot["done"].set()
+
+    def run(
+        self, args: list[str], cwd: Path, env: Mapping[str, str], timeout: float
+    ) -> subprocess.CompletedProcess:
+        request_id = uuid.uuid4().hex
+        out, err = self.folder / f"{request_id}.out", self.folder / f"{request_id}.err"
+        slot: dict[str, Any] = {"done": threading.Event()}
+        self.slots[request_id] = slot
+        request = {"id": request_id, "args": args, "cwd": str(cwd), "env": dict(env),
+                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
+        with self.lock:
+            assert self.process.stdin is not None
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+        argv = [sys.executable, "-m", "ml_playground", *args]
+        if not slot["done"].wait(timeout):
+            if "pid" in slot:
+                os.kill(slot["pid"], signal.SIGKILL)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        result = subprocess.CompletedProcess(
+            argv, slot["code"], out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
+        out.unlink()
+        err.unlink()
+        return result
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 @pytest.fixture(scope="session")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
-    """`cli(*args, cwd=..., env=None, check=True)`: `python -m ml_playground ARGS` in a subprocess.
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    """`cli(*args, cwd=..., env=None, check=True)`: `python -m ml_playground ARGS` in a child
+    process (forked from a warm one, see WarmCli).
 
     The child gets a fresh download cache in a temporary folder and none of the caller's
     ML_PLAYGROUND_* variables; `env` adds variables (a None value removes one). With
     `check=True` a non-zero exit fails the test and shows stdout and stderr.
     """
     cache = tmp_path_factory.mktemp("ml_playground_cache")
-    # Children share one bytecode cache outside the repository: compiling torch and Lightning
-    # afresh costs every command seconds when no .pyc files were installed.
+    # Fresh processes share one bytecode cache outside the repository: compiling torch and
+    # Lightning afresh costs every command seconds when no .pyc files were installed.
     pycache = tmp_path_factory.mktemp("pycache")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
+    base.pop("PYTHONDONTWRITEBYTECODE", None)
+    base["PYTHONPYCACHEPREFIX"] = str(pycache)
+    warm = None
+    if os.environ.get("ML_PLAYGROUND_TEST_COLD", "") in ("", "0"):
+        warm = WarmCli(base, tmp_path_factory.mktemp("cli_output"))
 
     def run(
         *args: str | os.PathLike[str],
@@ -160,29 +235,27 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
         env: Mapping[str, str | None] | None = None,
         check: bool = True,
     ) -> subprocess.CompletedProcess:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
-        full_env["ML_PLAYGROUND_CACHE"] = str(cache)
-        full_env.pop("PYTHONDONTWRITEBYTECODE", None)
-        full_env["PYTHONPYCACHEPREFIX"] = str(pycache)
+        full_env = dict(base, ML_PLAYGROUND_CACHE=str(cache))
         for key, value in (env or {}).items():
             if value is None:
                 full_env.pop(key, None)
             else:
                 full_env[key] = value
-        result = subprocess.run(
-            [sys.executable, "-m", "ml_playground", *map(str, args)],
-            cwd=cwd,
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        argv = [str(arg) for arg in args]
+        if warm is not None:
+            result = warm.run(argv, cwd, full_env, timeout=300)
+        else:
+            result = subprocess.run(
+                [sys.executable, "-m", "ml_playground", *argv], cwd=cwd, env=full_env,
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
         if check:
             assert result.returncode == 0, "command failed\n" + format_result(result)
         return result
 
-    return run
+    yield run
+    if warm is not None:
+        warm.close()
 
 
 @pytest.fixture(scope="session")

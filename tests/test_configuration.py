@@ -241,6 +241,16 @@ def test_missing_file_not_utf8_not_toml(tmp_path: Path) -> None:
     broken = write(tmp_path / "broken.toml", "[model\nn_layer = 2\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_experiment_toml(broken)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[model]\nn_layer = 2\n")
+    with pytest.raises(ConfigError, match=r"bom\.toml: .*starts with a byte-order mark"):
+        load_experiment_toml(bom)
+
+
+def test_upper_case_sha256_is_accepted() -> None:
+    digest = "86C4E6AA9DB7C042EC79F339DCB96D42B0075E16B8FC2E86BF0CA57E2DC565ED"
+    cfg = load_config(flags=[("prepare.source_sha256", digest)])
+    assert cfg.prepare.source_sha256 == digest.lower()
 
 
 def test_bad_flag_names_the_command_line() -> None:

@@ -1,13 +1,15 @@
-"""Settings Lightning or torch would trip over late, refused by `ml-playground fit` before any
-work: one line, the documented exit code, nothing written (issue "Failures a real user
-meets", class 3). In-process through `cli.main`; tests/e2e/test_reliability.py runs some of
-the same rows through the console script."""
+"""Failures a real user meets, in-process through `cli.main` (fast): settings Lightning or
+torch would trip over late, refused before any work (one line, the documented exit code,
+nothing written); sampling from NaN weights or with a tiny temperature; `sample.output`;
+a fit that died in its first step. tests/e2e run one case of each class through the console
+script."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from ml_playground import cli
 from ml_playground.configuration.loading import load_experiment_toml
@@ -65,3 +67,91 @@ def test_refused_before_any_work(
     assert len(lines) == 1 and lines[0].startswith("ml-playground: error: "), err
     assert named in lines[0], err
     assert not run.exists()  # nothing written: a corrected rerun starts clean
+
+
+# --------------------------------------------------------------------------- after a short fit
+
+
+@pytest.fixture(scope="module")
+def trained(experiment: Path, tmp_path_factory) -> Path:
+    """A 4-step fit with keep.best 0 (no best file): its checkpoint folder."""
+    folder = tmp_path_factory.mktemp("refusals_fit")
+    ckpt = folder / "ckpt"
+    code = cli.main(["fit", "--config", str(experiment), "--trainer.max_steps", "4",
+                     "--checkpointing.keep.best", "0", "--checkpointing.dirpath", str(ckpt),
+                     "--log_dir", str(folder / "logs")])  # fmt: skip
+    assert code == 0
+    return ckpt
+
+
+def sample(experiment: Path, ckpt: Path, *flags: str) -> list[str]:
+    return ["sample", "--config", str(experiment), "--checkpointing.dirpath", str(ckpt), *flags]
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ml-playground: error: "), lines
+    return lines[0]
+
+
+def test_sample_without_a_best_file_uses_last_and_says_so(
+    experiment: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(sample(experiment, trained)) == 0
+    err = capsys.readouterr().err
+    assert (
+        "holds no ckpt_best_*" in err
+        and f"sampling from {trained / 'ckpt_last_00000004.pt'}" in err
+    )
+
+
+def test_sample_output_a_folder_or_below_a_file_is_refused_before_sampling(
+    experiment: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    for output, what in (("folder", "is a folder"), ("file/x.txt", "is below a file")):
+        assert cli.main(sample(experiment, trained, "--sample.output", str(tmp_path / output))) == 2
+        assert what in one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # nothing left
+    assert (tmp_path / "file").read_text() == "keep me" and not any((tmp_path / "folder").iterdir())
+
+
+def test_sample_output_replaces_experiment(experiment: Path, trained: Path, tmp_path: Path) -> None:
+    output = tmp_path / "{experiment}" / "samples.txt"
+    assert cli.main(sample(experiment, trained, "--sample.output", str(output))) == 0
+    assert (tmp_path / "tiny" / "samples.txt").read_text().count("-" * 40) == 2
+
+
+def test_nan_weights_are_refused_by_sample(
+    experiment: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = torch.load(trained / "ckpt_last_00000004.pt", weights_only=True)
+    name = next(k for k in checkpoint["state_dict"] if k.endswith("wte.weight"))
+    checkpoint["state_dict"][name][0, 0] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    assert cli.main(sample(experiment, trained, "--sample.ckpt", str(tmp_path / "nan.pt"))) == 1
+    assert "the weights hold NaN or inf" in one_line(capsys)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(
+    experiment: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = []
+    for temperature in ("1e-38", "0"):
+        assert cli.main(sample(experiment, trained, "--sample.temperature", temperature)) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
+def test_a_step_zero_checkpoint_alone_does_not_block_a_fresh_fit(
+    experiment: Path, tmp_path: Path
+) -> None:
+    """What a fit that failed in its first step leaves behind: only the untrained `last`."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "ckpt_last_00000000.pt").write_bytes(b"left by a failed first step")
+    code = cli.main(["fit", "--config", str(experiment), "--trainer.max_steps", "2",
+                     "--checkpointing.dirpath", str(ckpt), "--log_dir", str(tmp_path / "logs")])  # fmt: skip
+    assert code == 0
+    assert torch.load(ckpt / "ckpt_last_00000000.pt", weights_only=True)["global_step"] == 0

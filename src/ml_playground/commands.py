@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.errors import ConfigError
 from ml_playground.files import write_atomic
 from ml_playground.reporting import SEPARATOR
 
@@ -58,6 +59,10 @@ def prepare(cfg: ExperimentConfig, force: bool) -> None:
 def sample(cfg: ExperimentConfig) -> None:
     from ml_playground.sampling import sample as generate
 
+    output = Path(cfg.sample.output) if cfg.sample.output else None
+    if output is not None and (output.is_dir() or any(p.is_file() for p in output.parents)):
+        what = "a folder" if output.is_dir() else "below a file"
+        raise ConfigError(f"sample.output = {output} is {what}; give the path of a file to write")
     path, texts = generate(cfg.sample, cfg.checkpointing.dirpath, cfg.data.dataset_dir)
     print(f"sampling from {path}", file=sys.stderr)
     report = "".join(f"{text}\n{SEPARATOR}\n" for text in texts)

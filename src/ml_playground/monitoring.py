@@ -32,6 +32,9 @@ class TextSample(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.meta:
             return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and not bool(torch.isfinite(loss)):
+            return  # NaN weights: the checkpoint callback or the loss check says so
         boards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not boards:
             return

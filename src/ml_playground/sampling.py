@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ml_playground.checkpoint_reading import (
     find_checkpoint,
     is_nanogpt_checkpoint,
     load_checkpoint,
+    managed_files,
     read_checkpoint,
 )
 from ml_playground.errors import CheckpointError, SamplingError
@@ -41,8 +43,8 @@ class SampleConfig(Section):
     top_p: float = Field(description="nucleus sampling mass; 1.0 disables", gt=0.0, le=1.0)
     seed: int = Field(description="random seed of the sampler", ge=0, le=MAX_SEED)
     output: OptionalPath = Field(
-        description='also write the samples to this file ("" : only print them); relative '
-        "paths resolve against the config file"
+        description='also write the samples to this file ("" : only print them; {experiment} '
+        "is replaced); relative paths resolve against the config file"
     )
 
 
@@ -78,6 +80,11 @@ def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
         raise CheckpointError(
             f"{path}: weights do not fit the stored model shape ({first})"
         ) from None
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise CheckpointError(
+            f"{path}: the weights hold NaN or inf (saved from a run that diverged); sample "
+            "from an earlier checkpoint"
+        )
     return model
 
 
@@ -151,7 +158,15 @@ def from_nanogpt(
 def sample(settings: SampleConfig, dirpath: Path, dataset_dir: Path) -> tuple[Path, list[str]]:
     """Resolve `sample.ckpt` (in the checkpoint folder `dirpath`), load it, and generate
     `sample.num_samples` texts; a nanoGPT checkpoint's meta.pkl is read from `dataset_dir`."""
-    path = find_checkpoint(dirpath, settings.ckpt)
+    which = str(settings.ckpt)
+    if which == "best" and not managed_files(dirpath, "best") and managed_files(dirpath, "last"):
+        print(
+            f"note: {dirpath} holds no ckpt_best_* (checkpointing.keep.best = 0, or no "
+            "validation improved yet); sampling from the newest ckpt_last_* instead",
+            file=sys.stderr,
+        )
+        which = "last"
+    path = find_checkpoint(dirpath, which)
     raw = read_checkpoint(path)
     if is_nanogpt_checkpoint(raw):
         checkpoint, meta = from_nanogpt(path, raw, dataset_dir)

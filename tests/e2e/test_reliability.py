@@ -410,6 +410,17 @@ def malicious_checkpoint(ctx: Context) -> Result:
     )  # fmt: skip
 
 
+# settings found late (issue "Failures a real user meets", class 3) -------------------
+
+
+@row(2, "Lightning refused the [trainer] settings", "gpu")
+def gpu_recipe_without_a_gpu(ctx: Context) -> Result:
+    folder = ctx.notes["gpu"] = ctx.mktemp("gpu")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--trainer.accelerator", "gpu", cwd=folder, check=False
+    )
+
+
 # sampling ---------------------------------------------------------------------------
 
 
@@ -426,6 +437,16 @@ def negative_temperature(ctx: Context) -> Result:
     return ctx.cli(
         "sample", "--config", ctx.trained.config, "--sample.temperature", "-0.5",
         cwd=ctx.mktemp("neg_temp"), check=False,
+    )  # fmt: skip
+
+
+@row(2, "sample.output", "is a folder")
+def sample_output_is_a_folder(ctx: Context) -> Result:
+    folder = ctx.notes["output_folder"] = ctx.mktemp("output_folder")
+    (folder / "out").mkdir()
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.output", folder / "out",
+        cwd=folder, check=False,
     )  # fmt: skip
 
 
@@ -548,6 +569,14 @@ def test_empty_and_short_corpus_write_no_broken_artifacts(runs: JobPool) -> None
     runs["empty_corpus"]
     data = runs.context.notes["empty_corpus"] / "data"
     assert not data.exists() or not any(data.iterdir())
+
+
+def test_refused_settings_write_nothing(runs: JobPool) -> None:
+    runs["gpu_recipe_without_a_gpu"]
+    assert list(runs.context.notes["gpu"].iterdir()) == []  # no ckpt/, logs/ or lock
+    runs["sample_output_is_a_folder"]
+    folder = runs.context.notes["output_folder"]
+    assert [p.name for p in folder.iterdir()] == ["out"] and not any((folder / "out").iterdir())
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(runs: JobPool) -> None:

@@ -54,11 +54,8 @@ class ExperimentConfig(Section):
         if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
             return data
         name, data = data["experiment"], dict(data)
-        for section, key in (
-            ("", "log_dir"),
-            ("data", "dataset_dir"),
-            ("checkpointing", "dirpath"),
-        ):
+        folders = (("", "log_dir"), ("data", "dataset_dir"), ("checkpointing", "dirpath"))
+        for section, key in (*folders, ("sample", "output")):
             table = dict(data.get(section) or {}) if section else data
             if isinstance(table.get(key), str | os.PathLike):
                 table[key] = os.fspath(table[key]).replace(EXPERIMENT, name)

@@ -324,7 +324,10 @@ def _next_token(
     """Pick one token per row of logits (B, V); returns (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so the largest is 0 (softmax is unchanged): no temperature, however small,
+    # overflows the others to inf and the probabilities to NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))

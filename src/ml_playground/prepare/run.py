@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ml_playground.errors import ConfigError, DataError
 from ml_playground.prepare.artifacts import (
@@ -33,8 +33,8 @@ class PrepareConfig(Section):
         "against the config file"
     )
     source_sha256: str = Field(
-        description='expected sha256 of the raw corpus; "" skips the check',
-        pattern=r"^([0-9a-f]{64})?$",
+        description='expected sha256 of the raw corpus (hex, any case); "" skips the check',
+        pattern=r"^([0-9a-fA-F]{64})?$",
     )
     tokenizer: str = Field(
         description='"char" (one token per character) or "tiktoken:<encoding>", e.g. tiktoken:gpt2',
@@ -61,6 +61,11 @@ class PrepareConfig(Section):
     num_threads: int = Field(
         description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
     )
+
+    @field_validator("source_sha256")
+    @classmethod
+    def _lower_case(cls, value: str) -> str:
+        return value.lower()  # as hashlib writes it
 
     @property
     def encoding(self) -> str | None:
