@@ -123,10 +123,11 @@ def test_prepare_corpus_with_tiny_tiktoken(tmp_path: Path) -> None:
 def test_prepare_config_rules() -> None:
     assert settings("c.txt").encoding is None
     assert settings("c.txt", tokenizer="tiktoken:gpt2").encoding == "gpt2"
+    assert settings("c.txt", source_sha256="A" * 64).source_sha256 == "a" * 64  # any case
     bad: list[dict[str, object]] = [
         *({"tokenizer": spec} for spec in ("bpe", "tiktoken", "tiktoken:", "Char")),
         *({"val_fraction": v} for v in (0.0, 1.0, -0.1)),
-        *({"source_sha256": v} for v in ("abc", "A" * 64)),
+        *({"source_sha256": v} for v in ("abc", "g" * 64)),
         {"split": "random"},
         {"chunk_bytes": 0},
         {"num_threads": -1},

@@ -194,7 +194,7 @@ def test_documents_split_needs_two_documents(tmp_path: Path) -> None:
     lines = settings(one, val_fraction=0.5, split="documents", document_separator="\n")
     did, meta = run_prepare(lines, tmp_path / "ds", seed=0)
     assert did and meta["train_documents"] == meta["val_documents"] == 10
-    with pytest.raises(DataError, match=r"split 'documents'.*--force"):
+    with pytest.raises(DataError, match=r"split = 'documents'.*--force"):
         run_prepare(settings(one, val_fraction=0.5), tmp_path / "ds", seed=0)
 
 

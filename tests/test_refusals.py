@@ -6,6 +6,9 @@ script."""
 
 from __future__ import annotations
 
+import pickle
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -155,3 +158,106 @@ def test_a_step_zero_checkpoint_alone_does_not_block_a_fresh_fit(
                      "--checkpointing.dirpath", str(ckpt), "--log_dir", str(tmp_path / "logs")])  # fmt: skip
     assert code == 0
     assert torch.load(ckpt / "ckpt_last_00000000.pt", weights_only=True)["global_step"] == 0
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+
+def saved_variant(ckpt: Path, folder: Path, name: str, change) -> Path:
+    """A copy of the fit's last checkpoint with `change(checkpoint)` applied."""
+    checkpoint = torch.load(ckpt / "ckpt_last_00000004.pt", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, folder / name)
+    return folder / name
+
+
+def test_a_checkpoint_that_expands_past_its_size_is_refused_unread(
+    experiment: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * 50_000_000)
+    assert bomb.stat().st_size < 200_000
+    assert cli.main(sample(experiment, trained, "--sample.ckpt", str(bomb))) == 1
+    assert "refusing to load: its contents claim 50,000,000 bytes" in one_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda c: c["ml_playground"].update(meta=[1, 2]), "meta is not a table"),
+        (lambda c: c["ml_playground"]["meta"]["itos"].update({0: 5}), "entries text"),
+    ],
+    ids=["meta_not_a_table", "itos_not_text"],
+)
+def test_wrong_types_inside_a_checkpoint_are_one_line(
+    change, named: str, experiment: Path, trained: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    path = saved_variant(trained, tmp_path, "odd.pt", change)
+    assert cli.main(sample(experiment, trained, "--sample.ckpt", str(path))) == 1
+    assert named in one_line(capsys)
+
+
+def test_a_nanogpt_checkpoint_of_another_vocabulary_is_refused(
+    experiment: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ml_playground.model.gpt import GPT, GPTConfig
+
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=50304,
+                dropout=0.0)  # fmt: skip
+    model = GPT(GPTConfig(**args))  # type: ignore[arg-type]
+    nanogpt = {"model": model.state_dict(), "model_args": args, "iter_num": 1, "config": {}}
+    torch.save(nanogpt, tmp_path / "ckpt.pt")
+    assert cli.main(sample(experiment, trained, "--sample.ckpt", str(tmp_path / "ckpt.pt"))) == 1
+    assert "the model has 50304 tokens but the tokenizer 50" in one_line(capsys)
+
+
+def data_copy(experiment: Path, folder: Path, change) -> Path:
+    """The experiment's dataset copied into `folder`, with `change(meta)` written to meta.pkl."""
+    shutil.copytree(experiment.parent / "data", folder)
+    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    change(meta)
+    (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return folder
+
+
+def test_resume_on_another_corpus_of_the_same_vocabulary_size_is_refused(
+    experiment: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def shuffle(meta: dict) -> None:
+        chars = [meta["itos"][i] for i in range(meta["vocab_size"])][::-1]
+        meta["itos"], meta["stoi"] = dict(enumerate(chars)), {c: i for i, c in enumerate(chars)}
+
+    data = data_copy(experiment, tmp_path / "other", shuffle)
+    before = sorted(p.name for p in trained.iterdir())
+    code = cli.main(["fit", "--config", str(experiment), "--data.dataset_dir", str(data),
+                     "--checkpointing.dirpath", str(trained), "--ckpt_path", "last",
+                     "--trainer.max_steps", "6", "--log_dir", str(tmp_path / "logs")])  # fmt: skip
+    assert code == 1
+    assert "the checkpoint's tokenizer is not this dataset's" in one_line(capsys)
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_fit_refuses_a_meta_pkl_at_odds_with_its_own_table(
+    experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = data_copy(experiment, tmp_path / "odd", lambda meta: meta.update(vocab_size=60))
+    code = cli.main(["fit", "--config", str(experiment), "--data.dataset_dir", str(data),
+                     "--checkpointing.dirpath", str(tmp_path / "ckpt")])  # fmt: skip
+    assert code == 1
+    assert "meta.pkl says vocab_size 60" in one_line(capsys)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_prepare_over_another_source_says_so(
+    experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text((experiment.parent / "corpus.txt").read_text() * 2)
+    data = experiment.parent / "data"
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    for flag, value in (("--prepare.source", str(other)), ("--prepare.val_fraction", "0.2")):
+        assert cli.main(["prepare", "--config", str(experiment), flag, value]) == 1
+        assert "holds artifacts prepared with" in one_line(capsys)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before

@@ -5,6 +5,7 @@ Lightning callback that writes checkpoints lives in `checkpoint_writing.py`."""
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    _refuse_expanding(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a pickle, disallowed global, ...
@@ -85,6 +87,22 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not an ml-playground checkpoint (not a dict)")
     return checkpoint
+
+
+def _refuse_expanding(path: Path) -> None:
+    """torch.save stores its zip entries uncompressed: entries that claim to expand past the
+    file's own size are a compressed archive built to exhaust memory (a zip bomb)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: torch.load says what it is
+    size = path.stat().st_size
+    if expanded > size:
+        raise CheckpointError(
+            f"{path}: refusing to load: its contents claim {expanded:,} bytes in a {size:,}-byte "
+            "file (compressed; checkpoints never are); use a checkpoint from a source you trust"
+        )
 
 
 def is_nanogpt_checkpoint(checkpoint: dict[str, Any]) -> bool:
@@ -117,6 +135,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [key for key in SECTION_KEYS if key not in section]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    for key in ("model_args", "meta"):
+        if not isinstance(section[key], dict):
+            raise CheckpointError(f"{path}: the checkpoint's {key} is not a table; it is damaged")
     return checkpoint
 
 
@@ -125,6 +146,7 @@ def check_compatible(
     checkpoint: dict[str, Any],
     model_args: dict[str, Any],
     dataset_vocab: int | None = None,
+    dataset_meta: dict[str, Any] | None = None,
 ) -> None:
     """Refuse to resume a checkpoint whose model shape or vocabulary differs from the run's.
 
@@ -145,6 +167,12 @@ def check_compatible(
             f"(meta.pkl) gives {model_args.get('vocab_size')}; resume with the dataset it was "
             "trained on"
         )
+    for key in ("tokenizer", "encoding", "itos"):  # the same size is not the same tokenizer
+        if isinstance(meta, dict) and dataset_meta and meta.get(key) != dataset_meta.get(key):
+            raise CheckpointError(
+                f"{path}: the checkpoint's tokenizer is not this dataset's (meta.pkl differs in "
+                f"{key!r}); resume with the dataset it was trained on"
+            )
     for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
         if stored.get(key) != model_args.get(key):
             raise CheckpointError(

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ml_playground.errors import DataError
-from ml_playground.prepare import dataset_meta, load_tokens
+from ml_playground.prepare import CharTokenizer, dataset_meta, load_tokens
 from ml_playground.settings import AnchoredPath, Section
 
 ARTIFACTS = ("meta.pkl", "train.bin", "val.bin")
@@ -140,6 +140,11 @@ class GPTDataModule(pl.LightningDataModule):
         self.meta: dict[str, Any] = dataset_meta(self.dataset_dir)
         self.dtype: str = self.meta.get("dtype", "uint16")
         self.vocab_size: int = int(self.meta["vocab_size"])
+        if "itos" in self.meta or "stoi" in self.meta:  # a char table must match vocab_size
+            try:
+                CharTokenizer.from_meta(self.meta)
+            except DataError as exc:
+                raise DataError(f"{self.dataset_dir / 'meta.pkl'}: {exc}") from None
         for split in ("train", "val"):
             tokens = load_tokens(self.dataset_dir / f"{split}.bin", self.dtype)
             length = len(tokens)

@@ -175,9 +175,11 @@ def sample(settings: SampleConfig, dirpath: Path, dataset_dir: Path) -> tuple[Pa
         meta = checkpoint[SECTION]["meta"]
     model = model_from_checkpoint(path, checkpoint)
     tokenizer = tokenizer_from_meta(meta)
-    if tokenizer.vocab_size > model.config.vocab_size:
+    padding = model.config.vocab_size - tokenizer.vocab_size  # nanoGPT pads to a multiple of 64
+    if padding < 0 or (is_nanogpt_checkpoint(raw) and padding >= 64):
         raise CheckpointError(
-            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size}"
+            f"{path}: the model has {model.config.vocab_size} tokens but the tokenizer "
+            f"{tokenizer.vocab_size}: they do not belong together; for a nanoGPT checkpoint, "
+            "point data.dataset_dir at the data (meta.pkl) it was trained on"
         )
     return path, generate_text(model, tokenizer, settings)

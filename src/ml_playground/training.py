@@ -237,7 +237,8 @@ def refused_trainer_values() -> Iterator[None]:
 
 def check_resume(path: Path, module: GPTLightningModule, datamodule: GPTDataModule) -> None:
     """The checkpoint fits this model and dataset, checked before any work."""
-    check_compatible(path, load_checkpoint(path), module.model_args, datamodule.vocab_size)
+    checkpoint = load_checkpoint(path)
+    check_compatible(path, checkpoint, module.model_args, datamodule.vocab_size, datamodule.meta)
 
 
 def default_logger(cfg: ExperimentConfig) -> Logger:

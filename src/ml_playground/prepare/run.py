@@ -115,11 +115,16 @@ def _check_same_settings(meta: dict, settings: PrepareConfig, where: Path) -> No
             f"{where} holds artifacts for tokenizer {got!r} but prepare.tokenizer is "
             f"{settings.tokenizer!r}; {hint}"
         )
-    if meta.get("split", settings.split) != settings.split:
-        raise DataError(
-            f"{where} holds artifacts split {meta['split']!r} but prepare.split is "
-            f"{settings.split!r}; {hint}"
-        )
+    for key, wanted in (
+        ("split", settings.split),
+        ("source", str(settings.source)),
+        ("val_fraction", settings.val_fraction),
+    ):
+        if meta.get(key, wanted) != wanted:  # folders of older versions lack source/fraction
+            raise DataError(
+                f"{where} holds artifacts prepared with {key} = {meta[key]!r} but "
+                f"prepare.{key} is {wanted!r}; {hint}"
+            )
 
 
 def run_prepare(

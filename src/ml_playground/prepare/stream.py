@@ -341,11 +341,11 @@ def prepare_corpus(
         for stream in streams:
             stream.finish()
         on_bytes(0)
-        meta = {**tok_meta, "split": split}
+        meta = {**tok_meta, "split": split, "source": str(settings.source)}
+        meta["val_fraction"] = val_fraction
         if split == "documents":
             meta.update(
                 seed=seed,
-                val_fraction=val_fraction,
                 train_documents=int(n_docs - val_docs.sum()),
                 val_documents=int(val_docs.sum()),
             )

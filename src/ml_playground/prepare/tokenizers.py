@@ -79,10 +79,12 @@ class CharTokenizer(Tokenizer):
                     raise KeyError
             else:
                 raise KeyError
+            if not all(isinstance(ch, str) and ch for ch in chars):
+                raise TypeError
         except (KeyError, TypeError):
             raise DataError(
-                "meta.pkl has no usable 'itos'/'stoi' for the char tokenizer (ids must be 0..n-1);"
-                " rebuild it with `ml-playground prepare --force`"
+                "meta.pkl has no usable 'itos'/'stoi' for the char tokenizer (ids must be 0..n-1,"
+                " entries text); rebuild it with `ml-playground prepare --force`"
             ) from None
         return _matching_vocab(meta, cls(chars), "its char table")
 
@@ -181,6 +183,8 @@ class TiktokenTokenizer(Tokenizer):
 
 def tokenizer_from_meta(meta: dict) -> Tokenizer:
     """Rebuild the tokenizer described by a ``meta.pkl`` dict (see ``read_meta``)."""
+    if not isinstance(meta, dict):
+        raise DataError(f"the tokenizer's metadata is a {type(meta).__name__}, not a table")
     kind = meta.get("tokenizer", "char" if "stoi" in meta or "itos" in meta else None)
     if kind == "char":
         return CharTokenizer.from_meta(meta)
