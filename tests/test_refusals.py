@@ -44,6 +44,8 @@ CASES = {
     "nan_dropout": (["--model.dropout", "nan"], "model.dropout"),
     "max_steps_zero": (["--trainer.max_steps", "0"], "fit would train nothing: trainer.max_steps"),
     "no_train_batches": (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches"),
+    "astronomical_n_layer": (["--model.n_layer", "1000000000"], "lower model.n_layer"),
+    "huge_n_embd": (["--model.n_embd", "1000000", "--model.n_head", "1"], "model.n_embd"),
 }
 
 
@@ -92,7 +94,8 @@ def sample(experiment: Path, ckpt: Path, *flags: str) -> list[str]:
 
 
 def one_line(capsys: pytest.CaptureFixture[str]) -> str:
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
     assert len(lines) == 1 and lines[0].startswith("ml-playground: error: "), lines
     return lines[0]
 
@@ -261,3 +264,28 @@ def test_prepare_over_another_source_says_so(
         assert cli.main(["prepare", "--config", str(experiment), flag, value]) == 1
         assert "holds artifacts prepared with" in one_line(capsys)
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["fit", "--data.batch_size", "1000000000"], "data.batch_size"),
+        (["fit", "--data.val_batches", "1000000000"], "data.val_batches"),
+        (["sample", "--sample.num_samples", "1000000000"], "sample.num_samples"),
+    ],
+    ids=["batch_size", "val_batches", "num_samples"],
+)
+def test_an_allocation_that_cannot_succeed_is_one_line(
+    flags: list[str], named: str, experiment: Path, trained: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    folder = trained if flags[0] == "sample" else tmp_path / "ckpt"
+    code = cli.main([flags[0], "--config", str(experiment), *flags[1:],
+                     "--checkpointing.dirpath", str(folder), "--log_dir", str(tmp_path / "logs")])  # fmt: skip
+    assert code == 1
+    line = one_line(capsys)
+    assert "out of memory" in line and named in line
+    assert not list((tmp_path / "ckpt").glob("ckpt_*"))  # no checkpoint blocks a rerun

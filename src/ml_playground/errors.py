@@ -88,6 +88,18 @@ def report(exc: BaseException) -> int | None:
         line, code = f"error: {exc}", exc.exit_code
     elif isinstance(exc, OSError):  # not foreseen where it happened (permissions, full disk)
         line, code = f"error: {describe_os_error(exc)}", 1
+    elif (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    ):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        line = (
+            f"error: out of memory ({first}); lower data.batch_size or data.block_size (fit), "
+            "data.val_batches (validation), sample.num_samples (sample), or the model's "
+            "model.n_embd / model.n_layer"
+        )
+        code = 1
     elif isinstance(exc, KeyboardInterrupt):  # before or after training: nothing to save
         line, code = "interrupted (Ctrl-C)", 130
     elif isinstance(exc, RuntimeError) and (lost := lost_peer(exc)) is not None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ml_playground.errors import TrainingError
+from ml_playground.errors import ConfigError, TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
 from ml_playground.monitoring import completed_step
@@ -97,6 +97,21 @@ class WarmupCosine:
         return (self.min_lr + cosine * (self.lr - self.min_lr)) / self.lr
 
 
+def _refuse_unbuildable(shape: GPTConfig) -> None:
+    """A model whose float32 weights alone exceed this machine's memory cannot be built (and
+    one with millions of layers would take hours to try): refused before anything is built."""
+    params = (
+        shape.n_layer * 12 * shape.n_embd**2 + (shape.vocab_size + shape.block_size) * shape.n_embd
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * params > memory:
+        raise ConfigError(
+            f"model.n_layer = {shape.n_layer} and model.n_embd = {shape.n_embd} make "
+            f"{params:,} parameters, {4 * params / 2**30:,.0f} GiB in float32, more than this "
+            f"machine's {memory / 2**30:,.0f} GiB; lower model.n_layer or model.n_embd"
+        )
+
+
 def _log_interval(trainer: pl.Trainer) -> int:
     # Set by Lightning's logger connector at Trainer init; not a declared attribute.
     return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
@@ -134,7 +149,9 @@ class GPTLightningModule(pl.LightningModule):
         super().__init__()
         config = ModelConfig(**model)
         self.config = config
-        self.model = GPT(gpt_config(config, vocab_size))
+        shape = gpt_config(config, vocab_size)
+        _refuse_unbuildable(shape)
+        self.model = GPT(shape)
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters({"model": config.model_dump(), "vocab_size": vocab_size})
