@@ -289,3 +289,19 @@ def test_an_allocation_that_cannot_succeed_is_one_line(
     line = one_line(capsys)
     assert "out of memory" in line and named in line
     assert not list((tmp_path / "ckpt").glob("ckpt_*"))  # no checkpoint blocks a rerun
+
+
+def test_runs_started_together_get_their_own_log_folder(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ml_playground.monitoring import StepAlignedLogger
+
+    def version(_: int) -> int:
+        return StepAlignedLogger(save_dir=str(tmp_path), name="tiny").version
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = sorted(pool.map(version, range(8)))
+    assert versions == list(range(8))
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [
+        f"version_{v}" for v in range(8)
+    ]

@@ -335,17 +335,23 @@ class GPTCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(
         self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]
     ) -> None:
-        self._last_step_written = trainer.global_step
         self._pending_last = None
         if not self.save_last:
+            self._last_step_written = trainer.global_step
             return
         step = {"step": torch.tensor(trainer.global_step)}
         path = self.format_checkpoint_name(step, self.CHECKPOINT_NAME_LAST)
         window = [p for p in self.last_k_models if p != path] + [path]
-        doomed, self.last_k_models = window[: -self.keep_last], window[-self.keep_last :]
-        self.last_model_path = path  # before saving: it is part of the saved state
-        self._save_checkpoint(trainer, path)
-        for old in doomed:
+        before = self.last_k_models, self.last_model_path
+        # Set before saving: they are part of the saved state.
+        self.last_k_models, self.last_model_path = window[-self.keep_last :], path
+        try:
+            self._save_checkpoint(trainer, path)
+        except BaseException:  # e.g. Ctrl-C mid-write: on_exception writes this step again
+            self.last_k_models, self.last_model_path = before
+            raise
+        self._last_step_written = trainer.global_step
+        for old in window[: -self.keep_last]:
             if self._should_remove_checkpoint(trainer, old, path):
                 self._remove_checkpoint(trainer, old)
 

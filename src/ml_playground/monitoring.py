@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -108,6 +109,17 @@ class StepAlignedLogger(TensorBoardLogger):
     validation after step 2000 would sit at 1999 beside `ckpt_best_00002000_*`. Its
     `epoch` scalar (always 0 for an endless stream) is dropped.
     """
+
+    def _get_next_version(self) -> int:
+        """The next free version_N, taken by creating its folder: two runs of one experiment
+        started at the same moment would otherwise both pick the same N."""
+        version = super()._get_next_version()
+        while True:
+            try:
+                Path(self.root_dir, f"version_{version}").mkdir(parents=True)
+                return version
+            except FileExistsError:
+                version += 1
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ml_playground.checkpoint_reading import file_step, managed_files
 from ml_playground.checkpoint_writing import GPTCheckpoint
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.errors import Interrupted
@@ -88,17 +89,18 @@ def run_result(trainer: pl.Trainer, cfg: ExperimentConfig) -> RunResult:
 def interrupted(trainer: pl.Trainer, sigterm: bool) -> Interrupted:
     """The line for a fit stopped by Ctrl-C or SIGTERM: which checkpoint holds the run (the
     callback wrote `last` at the current step) and how to resume it."""
-    checkpoint = trainer.checkpoint_callback
+    # The files on disk: a signal in the middle of a write leaves the callback naming a file
+    # that was never completed.
+    folder = Path(str(getattr(trainer.checkpoint_callback, "dirpath", "")))
+    last, best = (managed_files(folder, kind) for kind in ("last", "best"))
     step = trainer.global_step
     how = "stopped by SIGTERM" if sigterm else "interrupted (Ctrl-C)"
-    last = getattr(checkpoint, "last_model_path", "")
-    best = getattr(checkpoint, "best_model_path", "")
-    if last and Path(last).is_file():
-        where = f"{last} holds it; resume with --ckpt_path last"
-    elif best and Path(best).is_file():
+    if last:
+        where = f"{last[-1]} holds step {file_step(last[-1])}; resume with --ckpt_path last"
+    elif best:
         where = (
             f"checkpointing.keep.last is 0, so no checkpoint holds step {step}; the best so far "
-            f"is {best}: resume from it with --ckpt_path best"
+            f"is {best[-1]}: resume from it with --ckpt_path best"
         )
     else:
         where = "no checkpoint was kept (checkpointing.keep.last and keep.best are 0)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -128,6 +129,7 @@ def _quiet_lightning() -> None:
     # Hints aimed at Lightning developers, not at our users (e.g. about num_workers on CPU).
     for name in (
         "pytorch.utilities.rank_zero",
+        "pytorch.trainer.connectors.signal_connector",  # "Received SIGTERM": we say it once
         "pytorch.accelerators.cuda",
         "fabric.utilities.seed",
     ):
@@ -325,14 +327,18 @@ def fit(
         if resume is not None and is_launching_process():
             set_aside_later_steps(cfg.checkpointing.dirpath, resume)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    except SystemExit:  # Lightning's answer to Ctrl-C, after the callbacks saved `last`
-        if trainer.interrupted:
-            raise reporting.interrupted(trainer, sigterm=False) from None
-        raise
     except BaseException as exc:
+        # Ctrl-C: Lightning saves through the callbacks, then calls sys.exit(1); SIGTERM: its
+        # SIGTERMException (a SystemExit too). Further signals are ignored from here to exit.
         stop_started_ranks(trainer, exc)
-        if isinstance(exc, SIGTERMException | KeyboardInterrupt):
-            raise reporting.interrupted(trainer, isinstance(exc, SIGTERMException)) from None
+        sigterm = isinstance(exc, SIGTERMException)
+        ctrl_c = isinstance(exc, KeyboardInterrupt) or (
+            type(exc) is SystemExit and trainer.interrupted
+        )
+        if sigterm or ctrl_c:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, signal.SIG_IGN)
+            raise reporting.interrupted(trainer, sigterm) from None
         raise
     finally:
         lock.release()

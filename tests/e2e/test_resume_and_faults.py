@@ -125,7 +125,8 @@ def test_interrupt_says_what_holds_the_run_and_resumes(
         assert f"{best[0]}: resume from it with --ckpt_path best" in lines[0]
         return
     assert last_steps(ckpt)[-1] == step
-    assert f"{ckpt / f'ckpt_last_{step:08d}.pt'} holds it; resume with --ckpt_path last" in lines[0]
+    last = ckpt / f"ckpt_last_{step:08d}.pt"
+    assert f"{last} holds step {step}; resume with --ckpt_path last" in lines[0]
     cli("fit", "--config", trained.config, *run, "--ckpt_path", "last",
         "--trainer.max_steps", str(step + 2), cwd=tmp_path)  # fmt: skip
     assert last_steps(ckpt)[-1] == step + 2
