@@ -290,7 +290,7 @@ def test_trainer_values_are_checked_against_its_signature() -> None:
 def test_dump_round_trips(tmp_path: Path) -> None:
     path = write(
         tmp_path / "e.toml",
-        'experiment = "rt"\n[sample]\nprompt = "To be, or \\"not\\"\\n\\tto be"\n'
+        'experiment = "rt"\n[sample]\nprompt = "To be, or \\"not\\"\\n\\tto be\\u0001\\u007f"\n'
         "[trainer]\nlimit_val_batches = 0.5\n",
     )
     cfg = load_experiment_toml(path)
@@ -298,6 +298,7 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     tomllib.loads(text)  # valid TOML
     again = write(tmp_path / "other" / "resolved.toml", text)
     assert load_experiment_toml(again) == cfg
+    assert cfg.sample.prompt.endswith("to be\x01\x7f")  # control characters survive
     # TOML has no null: None in [trainer] is written as "null" and read back as None.
     assert cfg.trainer["check_val_every_n_epoch"] is None
     assert 'check_val_every_n_epoch = "null"' in text

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -114,6 +115,8 @@ class StepAlignedLogger(TensorBoardLogger):
         """The next free version_N, taken by creating its folder: two runs of one experiment
         started at the same moment would otherwise both pick the same N."""
         version = super()._get_next_version()
+        if getattr(rank_zero_only, "rank", 0) != 0:  # only rank 0 writes logs
+            return version
         while True:
             try:
                 Path(self.root_dir, f"version_{version}").mkdir(parents=True)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,6 +422,25 @@ def gpu_recipe_without_a_gpu(ctx: Context) -> Result:
     )
 
 
+@row(1, "out of memory", "data.batch_size")
+def batch_too_large_for_memory(ctx: Context) -> Result:
+    folder = ctx.notes["oom"] = ctx.mktemp("oom")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.batch_size", "1000000000", cwd=folder, check=False
+    )
+
+
+@row(1, "bomb.pt: refusing to load", "claim 50,000,000 bytes")
+def checkpoint_zip_bomb(ctx: Context) -> Result:
+    folder = ctx.mktemp("bomb")
+    with zipfile.ZipFile(folder / "bomb.pt", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * 50_000_000)
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.ckpt", "bomb.pt", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
 # sampling ---------------------------------------------------------------------------
 
 
@@ -574,6 +594,8 @@ def test_empty_and_short_corpus_write_no_broken_artifacts(runs: JobPool) -> None
 def test_refused_settings_write_nothing(runs: JobPool) -> None:
     runs["gpu_recipe_without_a_gpu"]
     assert list(runs.context.notes["gpu"].iterdir()) == []  # no ckpt/, logs/ or lock
+    runs["batch_too_large_for_memory"]
+    assert not list(runs.context.notes["oom"].rglob("ckpt_*"))  # nothing blocks a rerun
     runs["sample_output_is_a_folder"]
     folder = runs.context.notes["output_folder"]
     assert [p.name for p in folder.iterdir()] == ["out"] and not any((folder / "out").iterdir())
