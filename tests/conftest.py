@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -146,6 +147,47 @@ def format_result(result: subprocess.CompletedProcess) -> str:
     )
 
 
+class WarmProcess:
+    """What the tests use of a Popen, for a child of tests/cli_server.py."""
+
+    def __init__(self, args: list[str], slot: dict[str, Any], out: Path, err: Path) -> None:
+        self.args, self.slot, self.out, self.err = args, slot, out, err
+        deadline = time.monotonic() + 600  # the server's first command waits for its imports
+        while "pid" not in slot and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.pid: int = slot["pid"]
+        self.stderr = self  # `process.stderr.read()`, as with stderr=PIPE
+
+    @property
+    def returncode(self) -> int | None:
+        return self.slot.get("code")
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.slot["done"].wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.slot["code"]
+
+    def read(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        stdout, stderr = self.out.read_text(errors="replace"), self.read()
+        self.out.unlink(missing_ok=True)
+        self.err.unlink(missing_ok=True)
+        return stdout, stderr
+
+
 class WarmCli:
     """Runs commands through tests/cli_server.py: a process that imported the CLI once and
     forks a real child process per command (set ML_PLAYGROUND_TEST_COLD=1 to start a fresh
@@ -175,9 +217,8 @@ class WarmCli:
             if "code" in message:
                 slot["done"].set()
 
-    def run(
-        self, args: list[str], cwd: Path, env: Mapping[str, str], timeout: float
-    ) -> subprocess.CompletedProcess:
+    def start(self, args: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
+        """The command in a child process, running in the background."""
         request_id = uuid.uuid4().hex
         out, err = self.folder / f"{request_id}.out", self.folder / f"{request_id}.err"
         slot: dict[str, Any] = {"done": threading.Event()}
@@ -188,17 +229,18 @@ class WarmCli:
             assert self.process.stdin is not None
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
-        argv = [sys.executable, "-m", "ml_playground", *args]
-        if not slot["done"].wait(timeout):
-            if "pid" in slot:
-                os.kill(slot["pid"], signal.SIGKILL)
-            raise subprocess.TimeoutExpired(argv, timeout)
-        result = subprocess.CompletedProcess(
-            argv, slot["code"], out.read_text(errors="replace"), err.read_text(errors="replace")
-        )
-        out.unlink()
-        err.unlink()
-        return result
+        return WarmProcess([sys.executable, "-m", "ml_playground", *args], slot, out, err)
+
+    def run(
+        self, args: list[str], cwd: Path, env: Mapping[str, str], timeout: float
+    ) -> subprocess.CompletedProcess:
+        process = self.start(args, cwd, env)
+        try:
+            stdout, stderr = process.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -253,6 +295,18 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
             assert result.returncode == 0, "command failed\n" + format_result(result)
         return result
 
+    def start(*args: str | os.PathLike[str], cwd: Path) -> Any:
+        """The command in the background: a WarmProcess (a Popen when cold)."""
+        env = dict(base, ML_PLAYGROUND_CACHE=str(cache))
+        argv = [str(arg) for arg in args]
+        if warm is not None:
+            return warm.start(argv, cwd, env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "ml_playground", *argv], cwd=cwd, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    run.start = start  # type: ignore[attr-defined]
     yield run
     if warm is not None:
         warm.close()

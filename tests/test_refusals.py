@@ -272,7 +272,7 @@ def test_prepare_over_another_source_says_so(
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["fit", "--data.batch_size", "1000000000"], "data.batch_size"),
+        (["fit", "--data.batch_size", "1000000000000"], "data.batch_size"),
         (["fit", "--data.val_batches", "1000000000"], "data.val_batches"),
         (["sample", "--sample.num_samples", "1000000000"], "sample.num_samples"),
     ],

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -126,16 +125,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_fit(config: Path, *flags: str, cwd: Path | None = None) -> subprocess.Popen:
-    """`fit` in the background (stderr kept for the test, stdout dropped)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *flags],
-        cwd=cwd or config.parent,
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_fit(cli: Any, config: Path, *flags: str, cwd: Path | None = None) -> Any:
+    """`fit` in the background through the `cli` fixture (stderr kept, stdout dropped)."""
+    return cli.start("fit", "--config", config, *flags, cwd=cwd or config.parent)
 
 
 def wait_for(

@@ -426,7 +426,7 @@ def gpu_recipe_without_a_gpu(ctx: Context) -> Result:
 def batch_too_large_for_memory(ctx: Context) -> Result:
     folder = ctx.notes["oom"] = ctx.mktemp("oom")
     return ctx.cli(
-        "fit", *ctx.fit_flags(folder), "--data.batch_size", "1000000000", cwd=folder, check=False
+        "fit", *ctx.fit_flags(folder), "--data.batch_size", "1000000000000", cwd=folder, check=False
     )
 
 
@@ -668,7 +668,7 @@ def test_random_sigkills_then_resume_with_lock(
     killed_at = -1
     for attempt in range(3):
         resume = () if attempt == 0 else ("--ckpt_path", "last")
-        process = start_fit(config, *resume, "--trainer.max_steps", "100000", *every)
+        process = start_fit(cli, config, *resume, "--trainer.max_steps", "100000", *every)
         try:
             wait_for(lambda since=killed_at: any(s > since for s in last_steps(ckpt)), process, 120)
             if attempt == 0:

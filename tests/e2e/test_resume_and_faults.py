@@ -65,7 +65,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, make_experiment, cli, delay
     cli("prepare", "--config", config, cwd=tmp_path)
     ckpt = tmp_path / "ckpt"
     flags = ("--trainer.max_steps", "100000", "--checkpointing.every_n_steps", "2")
-    process = start_fit(config, *flags)
+    process = start_fit(cli, config, *flags)
     try:
         wait_for_step(ckpt, 6, process)
         time.sleep(delay)  # somewhere between two writes, or in the middle of one
@@ -100,7 +100,7 @@ def test_interrupt_says_what_holds_the_run_and_resumes(
     run = (*trained.fit_flags(tmp_path)[2:], "--trainer.val_check_interval", "3",
            "--checkpointing.keep.last", str(keep_last),
            "--checkpointing.every_n_steps", "100000")  # fmt: skip
-    process = start_fit(trained.config, *run, "--trainer.max_steps", "100000", cwd=tmp_path)
+    process = start_fit(cli, trained.config, *run, "--trainer.max_steps", "100000", cwd=tmp_path)
     try:
         wait_for(lambda: any(ckpt.glob("ckpt_best_*.pt")), process)
         time.sleep(0.5)
