@@ -127,6 +127,18 @@ def make_experiment(corpus_text: str) -> MakeExperiment:
     return make
 
 
+@pytest.fixture(scope="session")
+def prepared_experiment(tmp_path_factory: pytest.TempPathFactory, make_experiment) -> Path:
+    """The tiny experiment with its dataset prepared in-process (folder/data); read-only."""
+    from ml_playground.configuration.loading import load_experiment_toml
+    from ml_playground.prepare import run_prepare
+
+    config = make_experiment(tmp_path_factory.mktemp("prepared"))
+    cfg = load_experiment_toml(config)
+    run_prepare(cfg.prepare, cfg.data.dataset_dir, seed=cfg.seed_everything)
+    return config
+
+
 @pytest.fixture
 def experiment_toml(tmp_path: Path, corpus: Path) -> Path:
     """`tmp_path/exp.toml`: a tiny experiment whose relative paths resolve into tmp_path."""

@@ -24,9 +24,7 @@ from ml_playground.checkpoint_reading import (
     load_checkpoint,
 )
 from ml_playground.cli import PlaygroundCLI
-from ml_playground.configuration.loading import load_experiment_toml
 from ml_playground.errors import CheckpointError
-from ml_playground.prepare import run_prepare
 from ml_playground.reporting import RunResult
 
 MAX_STEPS = 11
@@ -91,12 +89,8 @@ def _flag_text(value: object) -> str:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, make_experiment) -> Prepared:
-    folder = tmp_path_factory.mktemp("prepared")
-    config = make_experiment(folder)
-    cfg = load_experiment_toml(config)
-    run_prepare(cfg.prepare, cfg.data.dataset_dir, seed=cfg.seed_everything)
-    return Prepared(folder, config)
+def prepared(prepared_experiment: Path) -> Prepared:
+    return Prepared(prepared_experiment.parent, prepared_experiment)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.errors import ConfigError
 
 SETTINGS = settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     derandomize=True,  # the same examples every run: a shared suite stays reproducible
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

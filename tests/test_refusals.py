@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from ml_playground import cli
-from ml_playground.configuration.loading import load_experiment_toml
-from ml_playground.prepare import run_prepare
 
 CASES = {
     "gpu_without_one": (["--trainer.accelerator", "gpu"], "No supported gpu backend"),
@@ -50,12 +48,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, make_experiment) -> Path:
-    folder = tmp_path_factory.mktemp("refusals")
-    config = make_experiment(folder)
-    cfg = load_experiment_toml(config)
-    run_prepare(cfg.prepare, cfg.data.dataset_dir, seed=cfg.seed_everything)
-    return config
+def experiment(prepared_experiment: Path) -> Path:
+    return prepared_experiment
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

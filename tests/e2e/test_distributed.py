@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.harness import child_env, free_port
+from e2e.harness import Trained, child_env, free_port
 from ml_playground.checkpoint_reading import LAST_PATTERN
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
@@ -192,17 +192,15 @@ def test_ddp_with_an_unsynced_metric_decides_best_on_rank0(tmp_path, make_experi
 
 @pytest.mark.parametrize("batch_size", ["4", "3"])  # 12 windows: 6 per rank; 9: padded to 10
 def test_val_loss_does_not_depend_on_the_number_of_processes(
-    tmp_path: Path, make_experiment, cli, batch_size: str
+    tmp_path: Path, trained: Trained, cli, batch_size: str
 ) -> None:
     """Every fixed window counts once: partial last batches and DistributedSampler's padding
     must not change val/loss."""
-    config = make_experiment(tmp_path)
-    cli("prepare", "--config", config, cwd=tmp_path)
-    cli("fit", "--config", config, "--trainer.max_steps", "5", cwd=tmp_path)
+    ckpt = trained.ckpt / "ckpt_last_00000020.pt"  # read only: logs go to tmp_path
     shape = ("--data.batch_size", batch_size, "--data.val_batches", "3")
     values = []
     for flags in ((), DDP):
-        out = cli("validate", "--config", config, *shape, *flags, "--ckpt_path", "last",
+        out = cli("validate", *trained.fit_flags(tmp_path), *shape, *flags, "--ckpt_path", ckpt,
                   cwd=tmp_path).stdout  # fmt: skip
         found = re.search(r"^val/loss: (\d+\.\d+)$", out, re.M)
         assert found, out

@@ -32,28 +32,27 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_is_exact(tmp_path: Path, make_experiment, cli) -> None:
-    straight = make_experiment(tmp_path / "straight")
-    split = make_experiment(tmp_path / "split")
-    for config in (straight, split):
-        cli("prepare", "--config", config, cwd=config.parent)
+def apart(trained: Trained, tmp_path: Path, *names: str) -> list[tuple[str, ...]]:
+    """Flags for runs on the session's dataset, each with its own checkpoint and log folders."""
+    return [trained.fit_flags(tmp_path / name) for name in names]
 
-    cli("fit", "--config", straight, *RESUME_FLAGS, "--trainer.max_steps", "40", cwd=tmp_path)
-    cli("fit", "--config", split, *RESUME_FLAGS, "--trainer.max_steps", "20", cwd=tmp_path)
-    cli(
-        "fit", "--config", split, *RESUME_FLAGS, "--trainer.max_steps", "40",
-        "--ckpt_path", "last", cwd=tmp_path,
-    )  # fmt: skip
 
-    a = weights(straight.parent / "ckpt" / "ckpt_last_00000040.pt")
-    b = weights(split.parent / "ckpt" / "ckpt_last_00000040.pt")
+def test_resume_is_exact(tmp_path: Path, trained: Trained, cli) -> None:
+    straight, split = apart(trained, tmp_path, "straight", "split")
+    cli("fit", *straight, *RESUME_FLAGS, "--trainer.max_steps", "40", cwd=tmp_path)
+    cli("fit", *split, *RESUME_FLAGS, "--trainer.max_steps", "20", cwd=tmp_path)
+    cli("fit", *split, *RESUME_FLAGS, "--trainer.max_steps", "40", "--ckpt_path", "last",
+        cwd=tmp_path)  # fmt: skip
+
+    a = weights(tmp_path / "straight" / "ckpt" / "ckpt_last_00000040.pt")
+    b = weights(tmp_path / "split" / "ckpt" / "ckpt_last_00000040.pt")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
     # Steps 21..40 match one for one.
-    full = train_losses(straight.parent / "logs" / "tiny" / "version_0")
-    resumed = train_losses(split.parent / "logs" / "tiny" / "version_1")
+    full = train_losses(tmp_path / "straight" / "logs" / "tiny" / "version_0")
+    resumed = train_losses(tmp_path / "split" / "logs" / "tiny" / "version_1")
     assert sorted(resumed) == list(range(21, 41))
     for step in range(21, 41):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
@@ -198,45 +197,39 @@ EMA = ("--model.ema_decay", "0.9", "--checkpointing.every_n_steps", "5")
 
 
 def test_ema_checkpoints_keep_raw_weights_and_resume_exactly(
-    tmp_path: Path, make_experiment, cli
+    tmp_path: Path, trained: Trained, cli
 ) -> None:
     """With EMA, every `last` holds the averaged weights as state_dict and the raw ones as
     current_model_state, the final one too (max_steps 7 is not a multiple of every_n_steps 5),
     and resuming goes on from the raw weights exactly."""
-    straight = make_experiment(tmp_path / "straight")
-    split = make_experiment(tmp_path / "split")
-    for config in (straight, split):
-        cli("prepare", "--config", config, cwd=config.parent)
-    cli("fit", "--config", straight, *EMA, "--trainer.max_steps", "10", cwd=tmp_path)
-    cli("fit", "--config", split, *EMA, "--trainer.max_steps", "7", cwd=tmp_path)
-    final = torch.load(split.parent / "ckpt" / "ckpt_last_00000007.pt", weights_only=True)
+    straight, split = apart(trained, tmp_path, "straight", "split")
+    cli("fit", *straight, *EMA, "--trainer.max_steps", "10", cwd=tmp_path)
+    cli("fit", *split, *EMA, "--trainer.max_steps", "7", cwd=tmp_path)
+    final = torch.load(tmp_path / "split" / "ckpt" / "ckpt_last_00000007.pt", weights_only=True)
     raw, averaged = final["current_model_state"], final["state_dict"]
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
-    cli("fit", "--config", split, *EMA, "--trainer.max_steps", "10", "--ckpt_path", "last",
-        cwd=tmp_path)  # fmt: skip
+    cli("fit", *split, *EMA, "--trainer.max_steps", "10", "--ckpt_path", "last", cwd=tmp_path)
 
-    a = torch.load(straight.parent / "ckpt" / "ckpt_last_00000010.pt", weights_only=True)
-    b = torch.load(split.parent / "ckpt" / "ckpt_last_00000010.pt", weights_only=True)
+    a = torch.load(tmp_path / "straight" / "ckpt" / "ckpt_last_00000010.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt" / "ckpt_last_00000010.pt", weights_only=True)
     for part in ("current_model_state", "state_dict"):
         for key in a[part]:
             torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_ema_checkpoint_resumed_without_ema_goes_on_from_the_raw_weights(
-    tmp_path: Path, make_experiment, cli
+    tmp_path: Path, trained: Trained, cli
 ) -> None:
     """EMA does not change the raw weights' path: resumed with EMA off, training must follow
     the same raw weights as a resume with EMA on (not restart from the average)."""
-    with_ema = make_experiment(tmp_path / "with_ema")
-    without = make_experiment(tmp_path / "without")
-    for config in (with_ema, without):
-        cli("prepare", "--config", config, cwd=config.parent)
-        cli("fit", "--config", config, *EMA, "--trainer.max_steps", "5", cwd=tmp_path)
+    with_ema, without = apart(trained, tmp_path, "with_ema", "without")
+    for flags in (with_ema, without):
+        cli("fit", *flags, *EMA, "--trainer.max_steps", "5", cwd=tmp_path)
     resume = ("--trainer.max_steps", "8", "--ckpt_path", "last")
-    cli("fit", "--config", with_ema, *EMA, *resume, cwd=tmp_path)
-    cli("fit", "--config", without, "--checkpointing.every_n_steps", "5", *resume, cwd=tmp_path)
-    a = torch.load(with_ema.parent / "ckpt" / "ckpt_last_00000008.pt", weights_only=True)
-    b = weights(without.parent / "ckpt" / "ckpt_last_00000008.pt")
+    cli("fit", *with_ema, *EMA, *resume, cwd=tmp_path)
+    cli("fit", *without, "--checkpointing.every_n_steps", "5", *resume, cwd=tmp_path)
+    a = torch.load(tmp_path / "with_ema" / "ckpt" / "ckpt_last_00000008.pt", weights_only=True)
+    b = weights(tmp_path / "without" / "ckpt" / "ckpt_last_00000008.pt")
     for key in b:
         torch.testing.assert_close(b[key], a["current_model_state"][key], rtol=0, atol=1e-6)
 
