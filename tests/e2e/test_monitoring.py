@@ -105,4 +105,7 @@ def test_a_corpus_without_newlines_and_a_one_token_context_train_and_sample(
     assert out.count("-" * 40) == 2
     events = EventAccumulator(str(tmp_path / "logs" / "tiny" / "version_1"))
     events.Reload()
-    assert "sample" in "".join(events.Tags()["tensors"])
+    texts = events.Tensors("sample/text_summary")  # one sample, at the validation of step 10
+    assert [t.step for t in texts] == [10]
+    text = texts[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("```\n") and text.endswith("\n```") and len(text) > 8
