@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import select
+import signal
 import sys
 
 import ml_playground.cli  # the expensive import, done once
@@ -38,6 +39,10 @@ def child(request: dict) -> None:
         os.dup2(target, fd)
         os.close(target)
     os.close(REPLIES)
+    # As in a terminal: the caller's runner (uv, a background shell) may ignore SIGINT, and a
+    # process inherits that; Python only turns SIGINT into KeyboardInterrupt if it is not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     spec = importlib.util.find_spec("ml_playground.__main__")
     sys.modules["__main__"].__spec__ = spec  # Lightning's DDP launcher re-runs `-m <spec.name>`
     sys.argv = [spec.origin if spec and spec.origin else "ml_playground", *request["args"]]

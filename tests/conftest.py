@@ -316,6 +316,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         return subprocess.Popen(
             [sys.executable, "-m", "ml_playground", *argv], cwd=cwd, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
         )  # fmt: skip
 
     run.start = start  # type: ignore[attr-defined]

@@ -143,8 +143,9 @@ class GPTCheckpoint(ModelCheckpoint):
     - `_save_checkpoint`: refuses NaN/inf weights before writing.
     - `_save_last_checkpoint`: `keep.last` files instead of one.
     - `_should_remove_checkpoint`: the base never deletes the file resumed from; a run that
-      continues from the newest `last` rotates it like any other (a resume from an older file
-      keeps it: it is where a new branch starts).
+      continues from the newest `last` rotates it like any other (a branch point resumed from
+      an older step is the newest once the later files are set aside, and keeps a hard link
+      in `branch_after_<step>/`; a `best` file resumed from is kept).
     - `_find_last_checkpoints`: `trainer.fit(ckpt_path="last")` takes the highest step.
     - `state_dict` / `load_state_dict`: also the `last` window and the mode; state of another
       metric or mode is ignored (its files then stay on disk); paths follow a moved folder, and

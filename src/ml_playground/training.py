@@ -161,10 +161,16 @@ def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
 
 
 def set_aside_later_steps(dirpath: Path, resume: Path) -> Path | None:
-    """Resuming from step N while the folder holds later steps starts a new branch: the later
-    `last` / `best` files (the branch left behind) move to `dirpath/branch_after_N/`, with a
-    hard link to the file resumed from, so `last` and the keep windows follow the new branch
-    and nothing is lost. Returns that folder."""
+    """Resuming from step N (not the newest `last`) while the folder holds later steps starts
+    a new branch: the later `last` / `best` files (the branch left behind) move to
+    `dirpath/branch_after_N/`, with a hard link to the file resumed from, so `last` and the
+    keep windows follow the new branch and nothing is lost. Returns that folder.
+
+    From the newest `last` the run goes on along the same line: a best written just before a
+    kill stays, and is written again under the same name when its step is replayed."""
+    lasts = managed_files(dirpath, "last")
+    if lasts and lasts[-1].resolve() == resume.resolve():
+        return None
     step = checkpoint_step(resume)
     later = [
         path
