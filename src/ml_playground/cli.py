@@ -158,8 +158,7 @@ class PlaygroundCLI(LightningCLI):
         return dump_toml({k: data[k] for data in [json.loads(text)] for k in SECTIONS if k in data})
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI would apply a `--ckpt_path FILE`'s saved hyperparameters over the config
-        and flags; here the config decides (a checkpoint that does not fit it is an error)."""
+        """Not LightningCLI's: a checkpoint's saved hyperparameters never override the config."""
 
     # ----------------------------------------------------------------- building the run
 
@@ -175,14 +174,15 @@ class PlaygroundCLI(LightningCLI):
             self.resume = self.resolve_resume(ckpt_path)
 
     def resolve_resume(self, ckpt_path: str | None) -> Path | None:
-        """The checkpoint to resume from, read under the folder's lock when the folder exists
-        (a running fit could rotate it away); otherwise the lock is taken when training starts."""
+        """Read under the folder's lock when the folder exists (a fit could rotate it away)."""
         if training.is_launching_process() and self.experiment.checkpointing.dirpath.is_dir():
             self.lock.acquire()
         return training.resolve_resume(self.experiment, ckpt_path)
 
     def instantiate_classes(self) -> None:
-        later = self.subcommand in ("prepare", "sample", "loop") or self.request.print_config
+        later = (
+            self.subcommand in ("prepare", "sample", "loop", "export") or self.request.print_config
+        )
         if self.instantiate and not later:
             self.build()
 
@@ -228,6 +228,8 @@ class PlaygroundCLI(LightningCLI):
         elif subcommand == "validate" and self.resume is not None:
             self.result = training.validate(*self.parts(), self.resume)
             reporting.report_validate(self.result)
+        if subcommand == "export":
+            commands.export(self.experiment, args.ckpt_path, args.output, args.force)
         if subcommand == "sample" or (subcommand == "loop" and self.trainer.is_global_zero):
             commands.sample(self.sample_experiment)  # sampling is rank 0's job
 

@@ -12,7 +12,15 @@ from ml_playground.files import write_atomic
 from ml_playground.reporting import SEPARATOR
 
 DEBUG_ENV = "ML_PLAYGROUND_DEBUG"
-COMMANDS = ("prepare", "fit", "train", "validate", "sample", "loop")  # their help: the Trainer's
+COMMANDS = (
+    "prepare",
+    "fit",
+    "train",
+    "validate",
+    "sample",
+    "loop",
+    "export",
+)  # their help: the Trainer's
 ENV_OF = {  # the override variables each command reads
     "prepare": [],
     "fit": [TRAIN_OVERRIDES_ENV],
@@ -20,6 +28,7 @@ ENV_OF = {  # the override variables each command reads
     "validate": [TRAIN_OVERRIDES_ENV],
     "sample": [SAMPLE_OVERRIDES_ENV],
     "loop": [TRAIN_OVERRIDES_ENV],
+    "export": [],
 }
 EPILOG = (
     f"Settings come from, lowest first: the packaged defaults, each --config file, the JSON "
@@ -72,6 +81,16 @@ def sample(cfg: ExperimentConfig) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(output, report)
         print(f"samples written to {output}", file=sys.stderr)
+
+
+def export(cfg: ExperimentConfig, ckpt_path: str, output: str, force: bool) -> None:
+    from ml_playground.export import export as write
+
+    if not output:
+        raise ConfigError("export: --output is required: the folder to write")
+    target = Path(output).expanduser().absolute()
+    path = write(ckpt_path, cfg.checkpointing.dirpath, cfg.data.dataset_dir, target, force)
+    print(f"exported {path} to {target} (Hugging Face GPT-2: config.json, model.safetensors)")
 
 
 def version() -> str:

@@ -120,9 +120,23 @@ class PlaygroundTrainer(pl.Trainer):
         """
         raise NotImplementedError("run `ml-playground loop`")
 
+    def export_command(
+        self, ckpt_path: str = "best", output: str = "", force: bool = False
+    ) -> None:
+        """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors and
+        the tokenizer files), for transformers and the tools that read that layout.
+
+        Args:
+            ckpt_path: the checkpoint to export: best (the default), last or a checkpoint file
+            output: the folder to write (created; it must not hold files, unless --force)
+            force: replace a folder that already holds files
+        """
+        raise NotImplementedError("run `ml-playground export`")
+
     # jsonargparse names a method's group after its __name__: "prepare" and "sample" would
     # collide with the [prepare] and [sample] sections.
     prepare, sample, loop = prepare_command, sample_command, loop_command
+    export = export_command
 
 
 def _quiet_lightning() -> None:

@@ -531,7 +531,7 @@ def test_version(run_cli) -> None:
 
 def test_help_lists_commands_and_settings(run_cli) -> None:
     top = run_cli("--help")
-    for command in ("prepare", "fit", "train", "validate", "sample", "loop"):
+    for command in ("prepare", "fit", "train", "validate", "sample", "loop", "export"):
         assert re.search(rf"^\s+{command}\s", top.stdout, re.M), top.stdout
     fit = run_cli("fit", "--help")
     for option in (

@@ -1,0 +1,144 @@
+"""`ml-playground export`: a checkpoint as a Hugging Face GPT-2 folder.
+
+`config.json` and `model.safetensors` in the layout `transformers.GPT2LMHeadModel` reads (its
+Conv1D weights are our Linear weights transposed; the padded vocabulary rows are dropped; a
+model without biases gets zero biases, which GPT-2 always has), and for GPT-2 BPE runs the
+tokenizer files (`vocab.json`, `merges.txt`), so `pipeline("text-generation", model=DIR)` works
+as it is. A char run gets `char_vocab.json`: the characters in id order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ml_playground.checkpoint_reading import (
+    SECTION,
+    find_checkpoint,
+    is_nanogpt_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+)
+from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.files import fsync_dir, temporary_name
+from ml_playground.sampling import from_nanogpt, model_from_checkpoint
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+BIASED = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+GPT2_FILES = {  # tiktoken's own copies of GPT-2's BPE files, as transformers names them
+    "vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+}
+
+
+def hf_weights(weights: dict[str, torch.Tensor], n_layer: int, vocab: int) -> dict[str, Any]:
+    """Our GPT's state dict (nanoGPT names) as GPT2LMHeadModel's."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if name == "lm_head.weight":
+            continue  # tied to the token embedding, as in GPT-2
+        tensor = tensor.detach().float().cpu()
+        if name.endswith(CONV1D):
+            tensor = tensor.t()
+        if name == "transformer.wte.weight":
+            tensor = tensor[:vocab]  # the rows padded to model.vocab_multiple_of
+        out[name] = tensor.contiguous()
+    for i in range(n_layer):
+        for part in BIASED:
+            weight = out[f"transformer.h.{i}.{part}.weight"]
+            width = weight.shape[1] if part.endswith(("c_attn", "c_proj", "c_fc")) else len(weight)
+            out.setdefault(f"transformer.h.{i}.{part}.bias", torch.zeros(width))
+    out.setdefault("transformer.ln_f.bias", torch.zeros(len(out["transformer.ln_f.weight"])))
+    return out
+
+
+def hf_config(args: dict[str, Any], vocab: int, eot: int | None) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab,
+        "n_positions": args["block_size"],
+        "n_ctx": args["block_size"],
+        "n_embd": args["n_embd"],
+        "n_layer": args["n_layer"],
+        "n_head": args["n_head"],
+        "activation_function": "gelu",  # nn.GELU(): the exact GELU, as nanoGPT trains
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot if eot is not None else 0,
+        "eos_token_id": eot if eot is not None else 0,
+        "torch_dtype": "float32",
+    }
+
+
+def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: bool) -> Path:
+    """Write `output` (atomically: a temporary folder, then a rename); return it."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ConfigError(
+            f"export: {output} exists and is not an empty folder; choose another --output "
+            "or pass --force to replace it"
+        )
+    path = find_checkpoint(dirpath, ckpt)
+    raw = read_checkpoint(path)
+    if is_nanogpt_checkpoint(raw):
+        checkpoint, meta = from_nanogpt(path, raw, dataset_dir)
+    else:
+        checkpoint = load_checkpoint(path)
+        meta = checkpoint[SECTION]["meta"]
+    model = model_from_checkpoint(path, checkpoint)
+    vocab = int(meta.get("vocab_size") or model.config.vocab_size)
+    if vocab > model.config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has more tokens than the model")
+    files = tokenizer_files(meta)
+    args = {k: getattr(model.config, k) for k in ("block_size", "n_embd", "n_layer", "n_head")}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = temporary_name(output)
+    work.mkdir()
+    try:
+        save_file(hf_weights(model.state_dict(), model.config.n_layer, vocab),
+                  str(work / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+        config = hf_config(args, vocab, meta.get("eot_token"))
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name, content in files.items():
+            (work / name).write_bytes(content)
+        for child in work.iterdir():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+        if output.exists():
+            aside = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(aside)
+            shutil.rmtree(aside)
+        work.rename(output)
+        fsync_dir(output.parent)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return path
+
+
+def tokenizer_files(meta: dict[str, Any]) -> dict[str, bytes]:
+    """The tokenizer as files beside the weights (read before anything is written)."""
+    if meta.get("tokenizer") == "tiktoken" and meta.get("encoding") in ("gpt2", "r50k_base"):
+        from tiktoken.load import read_file_cached  # tiktoken's cache, or its download
+
+        files = {name: read_file_cached(url) for name, url in GPT2_FILES.items()}
+        settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024}
+        settings |= {key: "<|endoftext|>" for key in ("bos_token", "eos_token", "unk_token")}
+        files["tokenizer_config.json"] = json.dumps(settings, indent=2).encode()
+        return files
+    itos = meta.get("itos")
+    if isinstance(itos, dict):
+        chars = [itos[i] for i in range(len(itos))]
+        return {"char_vocab.json": json.dumps(chars, ensure_ascii=False).encode()}
+    return {}

@@ -1,0 +1,99 @@
+"""`ml-playground export` writes a Hugging Face GPT-2 folder that `transformers` (the reference
+implementation, a development dependency) reads as it is: same logits, and for GPT-2 BPE runs a
+working `pipeline("text-generation")`. In-process through `cli.main`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, pipeline
+
+from ml_playground import cli
+from ml_playground.checkpoint_reading import find_checkpoint, load_checkpoint
+from ml_playground.sampling import model_from_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TIKTOKEN_CACHE = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or SHARED / "tiktoken_cache")
+HAS_GPT2 = (TIKTOKEN_CACHE / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file()
+
+
+def fit(config: Path, folder: Path, *flags: str) -> Path:
+    """A 3-step fit into `folder`; its checkpoint folder."""
+    ckpt = folder / "ckpt"
+    code = cli.main(["fit", "--config", str(config), "--trainer.max_steps", "3",
+                     "--trainer.val_check_interval", "3", "--checkpointing.dirpath", str(ckpt),
+                     "--log_dir", str(folder / "logs"), *flags])  # fmt: skip
+    assert code == 0
+    return ckpt
+
+
+def same_logits(ckpt: Path, exported: Path, vocab: int) -> None:
+    path = find_checkpoint(ckpt, "last")
+    ours = model_from_checkpoint(path, load_checkpoint(path)).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(exported).eval()
+    idx = torch.randint(
+        0, vocab, (2, ours.config.block_size), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        logits, _ = ours(idx, idx)
+        torch.testing.assert_close(theirs(idx).logits, logits[..., :vocab], rtol=0, atol=1e-5)
+
+
+def test_char_run_exports_weights_config_and_its_characters(
+    prepared_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = fit(prepared_experiment, tmp_path, "--model.vocab_multiple_of", "64")
+    out = tmp_path / "hf"
+    code = cli.main(["export", "--config", str(prepared_experiment), "--ckpt_path", "last",
+                     "--checkpointing.dirpath", str(ckpt), "--output", str(out)])  # fmt: skip
+    assert code == 0 and f"to {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "char_vocab.json",
+        "config.json",
+        "model.safetensors",
+    ]
+    chars = json.loads((out / "char_vocab.json").read_text(encoding="utf-8"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == len(chars) == 50  # the padding rows are dropped
+    same_logits(ckpt, out, len(chars))
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # written atomically
+
+
+def test_export_refuses_a_folder_with_files_unless_forced(
+    prepared_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = fit(prepared_experiment, tmp_path)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["export", "--config", str(prepared_experiment), "--ckpt_path", "last",
+            "--checkpointing.dirpath", str(ckpt), "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "pass --force to replace it" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli.main([*argv, "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="GPT-2's BPE files are not in the tiktoken cache")
+def test_gpt2_bpe_run_exports_a_folder_pipeline_reads(
+    tmp_path: Path, make_experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    config = make_experiment(tmp_path)
+    flags = ["--prepare.tokenizer", "tiktoken:gpt2", "--data.dataset_dir", str(tmp_path / "bpe")]
+    assert cli.main(["prepare", "--config", str(config), *flags]) == 0
+    ckpt = fit(config, tmp_path, *flags, "--data.block_size", "8", "--model.block_size", "8")
+    out = tmp_path / "hf"
+    assert cli.main(["export", "--config", str(config), *flags, "--ckpt_path", "last",
+                     "--checkpointing.dirpath", str(ckpt), "--output", str(out)]) == 0  # fmt: skip
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        assert (out / name).is_file(), name
+    same_logits(ckpt, out, 50257)
+    generate = pipeline("text-generation", model=str(out))
+    text = generate("the king", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the king") and len(text) > len("the king")
