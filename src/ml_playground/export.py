@@ -68,7 +68,7 @@ def hf_config(args: dict[str, Any], vocab: int, eot: int | None) -> dict[str, An
         "n_embd": args["n_embd"],
         "n_layer": args["n_layer"],
         "n_head": args["n_head"],
-        "activation_function": "gelu",  # nn.GELU(): the exact GELU, as nanoGPT trains
+        "activation_function": "gelu_new" if args["activation"] == "gelu_tanh" else "gelu",
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -101,7 +101,8 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
     if vocab > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has more tokens than the model")
     files = tokenizer_files(meta)
-    args = {k: getattr(model.config, k) for k in ("block_size", "n_embd", "n_layer", "n_head")}
+    keys = ("block_size", "n_embd", "n_layer", "n_head", "activation")
+    args = {k: getattr(model.config, k) for k in keys}
     output.parent.mkdir(parents=True, exist_ok=True)
     work = temporary_name(output)
     work.mkdir()

@@ -18,12 +18,21 @@ from ml_playground.errors import ConfigError, TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
 from ml_playground.monitoring import completed_step
-from ml_playground.settings import Section
+from ml_playground.settings import Pretrained, Section
 
 
 class ModelConfig(Section):
     """The GPT's shape, its optimizer and learning-rate schedule."""
 
+    init_from: Pretrained = Field(
+        description='"scratch", or the weights to start from: a Hugging Face hub id of a GPT-2 '
+        "model (gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name), a local Hugging Face "
+        "GPT-2 folder, a nanoGPT ckpt.pt or an ml-playground checkpoint; its shape (n_layer, "
+        "n_head, n_embd, block_size, bias, activation) replaces these settings"
+    )
+    activation: Literal["gelu", "gelu_tanh"] = Field(
+        description='the MLP\'s GELU: "gelu" (exact, as nanoGPT) or "gelu_tanh" (GPT-2\'s)'
+    )
     n_layer: int = Field(description="transformer blocks", gt=0)
     n_head: int = Field(description="attention heads per block", gt=0)
     n_embd: int = Field(description="embedding width (a multiple of n_head)", gt=0)
@@ -64,6 +73,18 @@ class ModelConfig(Section):
         ge=0.0,
         lt=1.0,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape_of_the_source(cls, data: Any) -> Any:
+        """With `init_from`, the shape is the source's (as in nanoGPT)."""
+        source = data.get("init_from") if isinstance(data, dict) else None
+        if not isinstance(source, str) or source == "scratch":
+            return data
+        from ml_playground.pretrained import SHAPE_KEYS, source_shape
+
+        shape = source_shape(source)
+        return {**data, **{key: shape[key] for key in SHAPE_KEYS}}
 
     @model_validator(mode="after")
     def _check_shape_and_schedule(self) -> ModelConfig:
@@ -137,6 +158,7 @@ def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
         n_embd=model.n_embd,
         dropout=model.dropout,
         bias=model.bias,
+        activation=model.activation,
     )
 
 
@@ -152,9 +174,13 @@ class GPTLightningModule(pl.LightningModule):
         shape = gpt_config(config, vocab_size)
         _refuse_unbuildable(shape)
         self.model = GPT(shape)
+        if config.init_from != "scratch":
+            from ml_playground.pretrained import load_into
+
+            load_into(self.model, config.init_from, vocab_size)
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
-        self.save_hyperparameters({"model": config.model_dump(), "vocab_size": vocab_size})
+        self.save_hyperparameters({"model": config.model_dump(mode="json"), "vocab_size": vocab_size})
         self._mark: tuple[int, float] | None = None  # (step, time) of the last log step
         self._peak_flops: float | None = None
 

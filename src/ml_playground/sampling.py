@@ -125,6 +125,20 @@ def generate_text(
     return [tokenizer.decode(row.tolist()) for row in out.cpu()]
 
 
+def data_tokenizer(source: Path | str, vocab: int, dataset_dir: Path) -> dict[str, Any]:
+    """nanoGPT's rule for a model that carries no tokenizer: `meta.pkl` beside the data, or
+    GPT-2 BPE when there is none (`data.dataset_dir` is the data folder)."""
+    meta_path = Path(dataset_dir) / "meta.pkl"
+    if meta_path.is_file():
+        return read_meta(meta_path)
+    if vocab in (50257, 50304):
+        return {"vocab_size": 50257, "tokenizer": "tiktoken", "encoding": "gpt2"}
+    raise CheckpointError(
+        f"{source}: a model with a vocabulary of {vocab} and no {meta_path}; set "
+        "data.dataset_dir to the folder holding its meta.pkl"
+    )
+
+
 def from_nanogpt(
     path: Path, checkpoint: dict[str, Any], dataset_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -137,16 +151,7 @@ def from_nanogpt(
     keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
     model_args = {key: args.get(key) for key in keys}
     model_args["dropout"] = float(model_args["dropout"] or 0.0)
-    meta_path = Path(dataset_dir) / "meta.pkl"
-    if meta_path.is_file():
-        meta = read_meta(meta_path)
-    elif model_args["vocab_size"] in (50257, 50304):
-        meta = {"vocab_size": 50257, "tokenizer": "tiktoken", "encoding": "gpt2"}
-    else:
-        raise CheckpointError(
-            f"{path}: nanoGPT checkpoint with a vocabulary of {model_args['vocab_size']} and no "
-            f"{meta_path}; set data.dataset_dir to the folder holding its meta.pkl"
-        )
+    meta = data_tokenizer(path, model_args["vocab_size"], dataset_dir)
     weights = {
         f"model.{key}": value
         for key, value in strip_compile_prefix(checkpoint["model"]).items()
@@ -166,6 +171,18 @@ def sample(settings: SampleConfig, dirpath: Path, dataset_dir: Path) -> tuple[Pa
             file=sys.stderr,
         )
         which = "last"
+    if which not in ("best", "last") and (Path(which).is_dir() or not Path(which).is_absolute()):
+        from ml_playground.pretrained import build  # a Hugging Face folder or hub id
+
+        model = build(which)
+        tokenizer = tokenizer_from_meta(data_tokenizer(which, model.config.vocab_size, dataset_dir))
+        if not 0 <= model.config.vocab_size - tokenizer.vocab_size < 64:
+            raise CheckpointError(
+                f"{which}: the model has {model.config.vocab_size} tokens but the tokenizer "
+                f"({dataset_dir / 'meta.pkl'}) {tokenizer.vocab_size}; point data.dataset_dir "
+                "at data of the model's tokenizer"
+            )
+        return Path(which), generate_text(model, tokenizer, settings)
     path = find_checkpoint(dirpath, which)
     raw = read_checkpoint(path)
     if is_nanogpt_checkpoint(raw):

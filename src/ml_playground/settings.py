@@ -85,11 +85,36 @@ class Source(_Anchored, str):
 
 
 class CheckpointRef(_Anchored, str):
-    """`best`, `last` or a checkpoint file."""
+    """`best`, `last`, a checkpoint file, a Hugging Face folder, or a hub id (a name that is
+    not a path here)."""
 
     @classmethod
     def parse(cls, value: Any) -> CheckpointRef:
-        return cls(value if value in CKPT_ALIASES else anchor(value))
+        if value in CKPT_ALIASES or (isinstance(value, str) and _hub_id(value)):
+            return cls(value)
+        return cls(anchor(value))
+
+
+class Pretrained(_Anchored, str):
+    """`scratch`, a Hugging Face hub id (`gpt2`, `openai-community/gpt2`, ...) or a path (a
+    Hugging Face folder or a checkpoint file): a path when it exists, else a hub id."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Pretrained:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected scratch, a hub id or a path, got {value!r}")
+        return cls(value if value == "scratch" or _hub_id(value) else anchor(value))
+
+
+def _hub_id(value: str) -> bool:
+    """`name` or `owner/name` that is not a path here, nor a file name (`ckpt.pt`)."""
+    parts = value.split("/")
+    return (
+        len(parts) <= 2
+        and all(p and p not in (".", "..") and " " not in p for p in parts)
+        and not value.endswith((".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".toml"))
+        and not os.path.exists(os.path.expanduser(value))
+    )
 
 
 class Prompt(_Anchored, str):
@@ -112,5 +137,5 @@ class OptionalPath(_Anchored, str):
         return cls("" if value == "" else anchor(value))
 
 
-for _type in (AnchoredPath, Source, CheckpointRef, Prompt, OptionalPath):
+for _type in (AnchoredPath, Source, CheckpointRef, Pretrained, Prompt, OptionalPath):
     _type.register()

@@ -28,6 +28,7 @@ class GPTConfig:
     n_embd: int
     dropout: float
     bias: bool  # bias in Linear and LayerNorm layers
+    activation: str = "gelu"  # "gelu" (exact, nanoGPT) or "gelu_tanh" (GPT-2's approximation)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -115,7 +116,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

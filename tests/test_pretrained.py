@@ -1,0 +1,101 @@
+"""`model.init_from` and `sample.ckpt` from pretrained GPT-2 weights: a tiny GPT-2 built and
+saved with `transformers` (the reference implementation, random weights) gives the same
+logits and the same greedy tokens once loaded here; its shape replaces the config's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ml_playground import cli
+from ml_playground.configuration import load_config
+from ml_playground.module import GPTLightningModule
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TIKTOKEN_CACHE = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or SHARED / "tiktoken_cache")
+HAS_GPT2 = (TIKTOKEN_CACHE / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file()
+
+
+def tiny_gpt2(folder: Path, activation: str) -> GPT2LMHeadModel:
+    """2 layers, width 32, GPT-2's vocabulary, saved as a Hugging Face folder."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=50257,
+                        activation_function=activation)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize(("activation", "ours"), [("gelu_new", "gelu_tanh"), ("gelu", "gelu")])
+def test_init_from_a_hugging_face_folder_matches_transformers(
+    activation: str, ours: str, tmp_path: Path
+) -> None:
+    reference = tiny_gpt2(tmp_path / "hf", activation)
+    cfg = load_config(flags=[("model.init_from", str(tmp_path / "hf")),
+                             ("model.vocab_multiple_of", "64"), ("model.n_layer", "7"),
+                             ("data.block_size", "16")])  # fmt: skip
+    shape = cfg.model
+    assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (2, 4, 32, 16)
+    assert shape.bias is True and shape.activation == ours  # the source's, not the config's
+    module = GPTLightningModule(50257, 64, **cfg.model.model_dump()).eval()
+    assert module.model.config.vocab_size == 50304  # padded; the extra rows are never sampled
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, _ = module.model(idx, idx)
+        torch.testing.assert_close(logits[..., :50257], reference(idx).logits, rtol=0, atol=1e-5)
+        prompt = idx[:, :4]
+        theirs = reference.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        mine = module.model.generate(prompt, 10, temperature=0.0, vocab_limit=50257)
+    assert torch.equal(mine, theirs)
+
+
+def test_init_from_gpt2_on_a_char_dataset_is_one_line(
+    prepared_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny_gpt2(tmp_path / "hf", "gelu_new")
+    capsys.readouterr()  # transformers' own progress bars
+    code = cli.main(["fit", "--config", str(prepared_experiment),
+                     "--model.init_from", str(tmp_path / "hf"), "--checkpointing.dirpath",
+                     str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs")])  # fmt: skip
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
+    assert len(err) == 1 and "has 50257 tokens but the dataset (meta.pkl) 50" in err[0], err
+    assert not list((tmp_path / "ckpt").glob("ckpt_*"))
+
+
+def test_a_hub_id_offline_without_a_cached_copy_is_one_line(
+    tmp_path: Path, experiment_toml: Path, run_cli
+) -> None:
+    result = run_cli(
+        "fit", "--config", experiment_toml, "--model.init_from", "gpt2", "--print_config",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}, check=False,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="GPT-2's BPE files are not in the tiktoken cache")
+def test_fine_tune_and_sample_from_pretrained_weights(
+    tmp_path: Path, make_experiment, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    tiny_gpt2(tmp_path / "hf", "gelu_new")
+    config = make_experiment(tmp_path)
+    data = ["--prepare.tokenizer", "tiktoken:gpt2", "--data.dataset_dir", str(tmp_path / "bpe"),
+            "--data.block_size", "8"]  # fmt: skip
+    assert cli.main(["prepare", "--config", str(config), *data]) == 0
+    run = [*data, "--model.init_from", str(tmp_path / "hf"), "--model.vocab_multiple_of", "64"]
+    assert cli.main(["fit", "--config", str(config), *run, "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2"]) == 0  # fmt: skip
+    saved = (tmp_path / "logs" / "tiny" / "version_0" / "config.toml").read_text()
+    assert "n_layer = 2" in saved and 'activation = "gelu_tanh"' in saved  # the shape used
+    capsys.readouterr()
+    assert cli.main(["sample", "--config", str(config), *data,
+                     "--sample.ckpt", str(tmp_path / "hf"), "--sample.prompt", "the"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.count("-" * 40) == 2
