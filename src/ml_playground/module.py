@@ -180,7 +180,9 @@ class GPTLightningModule(pl.LightningModule):
             load_into(self.model, config.init_from, vocab_size)
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
-        self.save_hyperparameters({"model": config.model_dump(mode="json"), "vocab_size": vocab_size})
+        self.save_hyperparameters(
+            {"model": config.model_dump(mode="json"), "vocab_size": vocab_size}
+        )
         self._mark: tuple[int, float] | None = None  # (step, time) of the last log step
         self._peak_flops: float | None = None
 
