@@ -99,3 +99,52 @@ def test_fine_tune_and_sample_from_pretrained_weights(
     assert cli.main(["sample", "--config", str(config), *data,
                      "--sample.ckpt", str(tmp_path / "hf"), "--sample.prompt", "the"]) == 0  # fmt: skip
     assert capsys.readouterr().out.count("-" * 40) == 2
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="GPT-2's BPE files are not in the tiktoken cache")
+def test_round_trip_folder_fit_at_learning_rate_zero_export(
+    tmp_path: Path, make_experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hugging Face folder -> init_from -> fit (learning rate 0) -> export: the same tensors."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    tiny_gpt2(tmp_path / "hf", "gelu_new")
+    config = make_experiment(tmp_path)
+    run = ["--prepare.tokenizer", "tiktoken:gpt2", "--data.dataset_dir", str(tmp_path / "bpe"),
+           "--data.block_size", "8", "--model.init_from", str(tmp_path / "hf"),
+           "--model.vocab_multiple_of", "64", "--model.learning_rate", "0", "--model.min_lr", "0"]  # fmt: skip
+    assert cli.main(["prepare", "--config", str(config), *run]) == 0
+    assert cli.main(["fit", "--config", str(config), *run, "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2"]) == 0  # fmt: skip
+    assert cli.main(["export", "--config", str(config), *run, "--ckpt_path", "last",
+                     "--output", str(tmp_path / "back")]) == 0  # fmt: skip
+    before = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    after = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert before.keys() - {"lm_head.weight"} == after.keys() - {"lm_head.weight"}
+    for name in after:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_nanogpt_checkpoint_can_be_fine_tuned(prepared_experiment: Path, tmp_path: Path) -> None:
+    """nanoGPT's ckpt.pt (keys model, model_args, iter_num, config) as init_from."""
+    from ml_playground.model.gpt import GPT, GPTConfig
+
+    args = dict(n_layer=3, n_head=2, n_embd=24, block_size=16, bias=True, vocab_size=50,
+                dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args))  # type: ignore[arg-type]
+    nanogpt = {"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+               "model_args": args, "iter_num": 5000, "config": {}}  # fmt: skip
+    torch.save(nanogpt, tmp_path / "ckpt.pt")
+    ckpt = tmp_path / "ckpt"
+    code = cli.main(["fit", "--config", str(prepared_experiment), "--model.init_from",
+                     str(tmp_path / "ckpt.pt"), "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2", "--checkpointing.dirpath", str(ckpt),
+                     "--log_dir", str(tmp_path / "logs")])  # fmt: skip
+    assert code == 0
+    first = torch.load(ckpt / "ckpt_last_00000000.pt", weights_only=True)  # before any step
+    assert first["ml_playground"]["model_args"]["n_layer"] == 3  # the source's shape
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(first["state_dict"][f"model.{name}"], value, rtol=0, atol=0)
+    assert first["global_step"] == 0  # fresh counters, not nanoGPT's iter_num

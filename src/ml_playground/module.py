@@ -46,7 +46,10 @@ class ModelConfig(Section):
         description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0
     )
     bias: bool = Field(description="biases in Linear and LayerNorm layers (GPT-2: true)")
-    learning_rate: float = Field(description="peak learning rate of AdamW", gt=0.0)
+    learning_rate: float = Field(
+        description="peak learning rate of AdamW (0 trains nothing: evaluation, round trips)",
+        ge=0.0,
+    )
     min_lr: float = Field(description="learning rate at the end of the cosine decay", ge=0.0)
     warmup_steps: int = Field(description="optimizer steps of linear warmup", ge=0)
     lr_decay_steps: int = Field(
@@ -109,6 +112,8 @@ class WarmupCosine:
         self.warmup, self.decay, self.lr, self.min_lr = warmup, decay, lr, min_lr
 
     def __call__(self, step: int) -> float:
+        if self.lr == 0:
+            return 1.0  # a multiple of nothing
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         if step >= self.decay:
