@@ -235,3 +235,31 @@ def test_docstring_lists_every_overridden_base_member() -> None:
     doc = GPTCheckpoint.__doc__ or ""
     missing = sorted(name for name in overridden if f"`{name}`" not in doc)
     assert not missing, f"GPTCheckpoint's docstring does not list {missing}"
+
+
+def test_files_a_kill_left_outside_the_windows_rotate_out_when_the_line_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A kill between writing a file and deleting the one it replaced leaves that one outside
+    the saved windows; resumed from the newest `last`, it rotates out with the next write."""
+    first = make_callback(tmp_path, 2, 1)
+    trainer = StandInTrainer()
+    start(first, trainer)
+    trainer.train(first, 5)
+    trainer.validate(first, {"val/loss": 2.0})
+    state = first.state_dict()
+    (tmp_path / "ckpt_last_00000001.pt").write_bytes(b"left behind")
+    (tmp_path / "ckpt_best_00000002_val_loss=3.0000.pt").write_bytes(b"left behind")
+
+    resumed = make_callback(tmp_path, 2, 1)
+    resumed.load_state_dict(state)
+    trainer.ckpt_path = str(tmp_path / "ckpt_last_00000005.pt")
+    start(resumed, trainer)
+    assert len(list(tmp_path.iterdir())) == 5  # nothing deleted before a write
+    trainer.train(resumed, 1)
+    trainer.validate(resumed, {"val/loss": 1.0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_best_00000006_val_loss=1.0000.pt",
+        "ckpt_last_00000005.pt",
+        "ckpt_last_00000006.pt",
+    ]

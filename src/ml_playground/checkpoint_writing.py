@@ -28,6 +28,7 @@ from ml_playground.checkpoint_reading import (
     FORMAT_VERSION,
     SECTION,
     TMP_PATTERN,
+    file_step,
     managed_files,
 )
 from ml_playground.errors import CheckpointError, ConfigError, TrainingError
@@ -209,9 +210,18 @@ class GPTCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        lasts = managed_files(Path(str(self.dirpath)), "last")  # trainer.ckpt_path is set now
+        folder = Path(str(self.dirpath))
+        lasts = managed_files(folder, "last")  # trainer.ckpt_path is set now
         resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
         self._continued = resumed if lasts and resumed == lasts[-1].resolve() else None
+        if self._continued is not None:
+            # The same line goes on: files a kill left between a write and its rotation (so
+            # the saved windows do not know them) join the windows and rotate out in turn.
+            self.last_k_models = [str(p) for p in lasts]
+            for path in managed_files(folder, "best"):
+                if file_step(path) <= file_step(self._continued):
+                    score = torch.tensor(float(path.stem.rpartition("=")[2]))
+                    self.best_k_models.setdefault(str(path), score)
         if trainer.global_step == 0:
             self._save_last_checkpoint(trainer, {})
 
@@ -246,8 +256,10 @@ class GPTCheckpoint(ModelCheckpoint):
                 f"checkpointing.metric = {self.monitor!r} was not logged; choose one of "
                 f"{', '.join(logged)}"
             )
+        written = self.best_model_path
         self._save_topk_checkpoint(trainer, candidates)
-        self._trim_best(trainer)
+        if self.best_model_path != written:  # rotation deletes only right after a write
+            self._trim_best(trainer)
         self._flush_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
