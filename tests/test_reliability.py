@@ -126,6 +126,26 @@ def test_other_write_failures_keep_their_type(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_inside_torch_save_stays_an_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's zip writer turns a KeyboardInterrupt into a RuntimeError while cleaning up."""
+
+    def interrupted_save(obj: Any, handle: Any) -> None:
+        handle.write(b"part of a checkpoint")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint(
+            {"w": torch.ones(1)}, tmp_path / "ckpt_last_00000001.pt"
+        )
+    assert list(tmp_path.iterdir()) == []  # no partial file
+
+
 # --------------------------------------------------------------------------- unexpected OSError
 
 

@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -58,6 +58,9 @@ class CheckpointingConfig(Section):
     keep: KeepConfig
 
 
+E = TypeVar("E", bound=BaseException)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file in the same folder, then renames: no partial final files."""
 
@@ -70,7 +73,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with atomic_file(path) as handle:
                 torch.save(checkpoint, handle)
         except BaseException as exc:
-            cause = _os_error(exc)
+            if _cause(exc, KeyboardInterrupt) is not None:
+                # Ctrl-C inside torch.save: its zip writer's cleanup raises a RuntimeError that
+                # would hide the interrupt (and the run would end with a traceback).
+                raise KeyboardInterrupt from None
+            cause = _cause(exc, OSError)
             if cause is None:
                 raise
             # Disk full, file too large, I/O error: the earlier files were never touched.
@@ -81,11 +88,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write (torch's zip writer re-raises it as RuntimeError)."""
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The `kind` behind a failed write: torch's zip writer re-raises an OSError as a
+    RuntimeError, and its cleanup after a KeyboardInterrupt raises one of its own."""
     seen: BaseException | None = exc
-    while seen is not None and isinstance(seen, Exception):
-        if isinstance(seen, OSError):
+    while seen is not None:
+        if isinstance(seen, kind):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
