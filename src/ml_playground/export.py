@@ -18,16 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ml_playground.checkpoint_reading import (
-    SECTION,
-    find_checkpoint,
-    is_nanogpt_checkpoint,
-    load_checkpoint,
-    read_checkpoint,
-)
-from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.errors import ConfigError
 from ml_playground.files import fsync_dir, temporary_name
-from ml_playground.sampling import from_nanogpt, model_from_checkpoint
+from ml_playground.sampling import load_model
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BIASED = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
@@ -89,17 +82,8 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
             f"export: {output} exists and is not an empty folder; choose another --output "
             "or pass --force to replace it"
         )
-    path = find_checkpoint(dirpath, ckpt)
-    raw = read_checkpoint(path)
-    if is_nanogpt_checkpoint(raw):
-        checkpoint, meta = from_nanogpt(path, raw, dataset_dir)
-    else:
-        checkpoint = load_checkpoint(path)
-        meta = checkpoint[SECTION]["meta"]
-    model = model_from_checkpoint(path, checkpoint)
-    vocab = int(meta.get("vocab_size") or model.config.vocab_size)
-    if vocab > model.config.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has more tokens than the model")
+    path, model, tokenizer, meta = load_model(ckpt, dirpath, dataset_dir)
+    vocab = tokenizer.vocab_size
     files = tokenizer_files(meta)
     keys = ("block_size", "n_embd", "n_layer", "n_head", "activation")
     args = {k: getattr(model.config, k) for k in keys}

@@ -171,32 +171,40 @@ def sample(settings: SampleConfig, dirpath: Path, dataset_dir: Path) -> tuple[Pa
             file=sys.stderr,
         )
         which = "last"
-    if which not in ("best", "last") and (Path(which).is_dir() or not Path(which).is_absolute()):
+    path, model, tokenizer, _ = load_model(which, dirpath, dataset_dir)
+    return path, generate_text(model, tokenizer, settings)
+
+
+def load_model(
+    which: str, dirpath: Path, dataset_dir: Path
+) -> tuple[Path, GPT, Tokenizer, dict[str, Any]]:
+    """The model `which` names (`best`, `last` or a checkpoint file, a Hugging Face folder or
+    hub id), its tokenizer and the tokenizer's meta. Models that carry no tokenizer (nanoGPT,
+    Hugging Face) take the data's, by nanoGPT's rule (`data_tokenizer`)."""
+    foreign = which not in ("best", "last") and (
+        Path(which).is_dir() or not Path(which).is_absolute()
+    )
+    if foreign:
         from ml_playground.pretrained import build  # a Hugging Face folder or hub id
 
-        model = build(which)
-        tokenizer = tokenizer_from_meta(data_tokenizer(which, model.config.vocab_size, dataset_dir))
-        if not 0 <= model.config.vocab_size - tokenizer.vocab_size < 64:
-            raise CheckpointError(
-                f"{which}: the model has {model.config.vocab_size} tokens but the tokenizer "
-                f"({dataset_dir / 'meta.pkl'}) {tokenizer.vocab_size}; point data.dataset_dir "
-                "at data of the model's tokenizer"
-            )
-        return Path(which), generate_text(model, tokenizer, settings)
-    path = find_checkpoint(dirpath, which)
-    raw = read_checkpoint(path)
-    if is_nanogpt_checkpoint(raw):
-        checkpoint, meta = from_nanogpt(path, raw, dataset_dir)
+        path, model = Path(which), build(which)
+        meta = data_tokenizer(which, model.config.vocab_size, dataset_dir)
     else:
-        checkpoint = load_checkpoint(path)
-        meta = checkpoint[SECTION]["meta"]
-    model = model_from_checkpoint(path, checkpoint)
+        path = find_checkpoint(dirpath, which)
+        raw = read_checkpoint(path)
+        foreign = is_nanogpt_checkpoint(raw)
+        if foreign:
+            checkpoint, meta = from_nanogpt(path, raw, dataset_dir)
+        else:
+            checkpoint = load_checkpoint(path)
+            meta = checkpoint[SECTION]["meta"]
+        model = model_from_checkpoint(path, checkpoint)
     tokenizer = tokenizer_from_meta(meta)
     padding = model.config.vocab_size - tokenizer.vocab_size  # nanoGPT pads to a multiple of 64
-    if padding < 0 or (is_nanogpt_checkpoint(raw) and padding >= 64):
+    if padding < 0 or (foreign and padding >= 64):
         raise CheckpointError(
             f"{path}: the model has {model.config.vocab_size} tokens but the tokenizer "
-            f"{tokenizer.vocab_size}: they do not belong together; for a nanoGPT checkpoint, "
-            "point data.dataset_dir at the data (meta.pkl) it was trained on"
+            f"{tokenizer.vocab_size}: they do not belong together; point data.dataset_dir at "
+            "the data (meta.pkl) of the model's tokenizer"
         )
-    return path, generate_text(model, tokenizer, settings)
+    return path, model, tokenizer, meta
