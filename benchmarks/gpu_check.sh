@@ -7,9 +7,9 @@
 #   bash benchmarks/gpu_check.sh        # there: every step; logs go to $OUT (or ./gpu_check_out)
 #   bash benchmarks/gpu_check.sh gpt2 loop loop-eager   # only these steps
 #
-# Steps, most important first: gpt2 loop loop-eager tests step compile gpt2-b32 sample. All of them
-# take about 10-12 minutes, more than one 10-minute device call: run the first three, then the
-# rest. Each step has its own time limit so one slow step cannot eat the others' time.
+# Steps, most important first: gpt2 loop loop-eager tests step compile gpt2-b32 sample finetune. All
+# of them take about 12-15 minutes, more than one 10-minute device call: run the first three,
+# then the rest. Each step has its own time limit so one slow step cannot eat the others' time.
 # Uses python3 from PATH (PYTHON=... to choose another).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,6 +96,20 @@ fi
 
 if step sample "sampling: batched KV cache vs naive loop"; then
   run 120 sample.log $py benchmarks/sample_throughput.py
+fi
+
+if step finetune "finetune_shakespeare.toml, 10 steps in bf16 from a GPT-2 124M-shaped folder"; then
+  # No machine here reaches the hub: a random GPT-2 124M in the Hugging Face layout instead.
+  export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.gpu/tiktoken_cache}
+  run 120 finetune_folder.log $py benchmarks/pretrained_folder.py "$work/gpt2_124m"
+  data=(--prepare.source "$corpus" --data.dataset_dir "$work/shakespeare_bpe")
+  run 120 finetune_prepare.log $py -m ml_playground prepare \
+    --config configs/finetune_shakespeare.toml "${data[@]}"
+  run 420 finetune.log $py benchmarks/peak_memory.py fit \
+    --config configs/finetune_shakespeare.toml "${data[@]}" \
+    --model.init_from "$work/gpt2_124m" --trainer.max_steps 10 \
+    --checkpointing.dirpath "$work/finetune/ckpt" --log_dir "$work/finetune/logs" \
+    --trainer.enable_progress_bar false
 fi
 
 echo

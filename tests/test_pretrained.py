@@ -148,3 +148,12 @@ def test_a_nanogpt_checkpoint_can_be_fine_tuned(prepared_experiment: Path, tmp_p
     for name, value in model.state_dict().items():
         torch.testing.assert_close(first["state_dict"][f"model.{name}"], value, rtol=0, atol=0)
     assert first["global_step"] == 0  # fresh counters, not nanoGPT's iter_num
+
+
+def test_commands_that_build_no_model_from_it_do_not_fetch_the_source(
+    prepared_experiment: Path, tmp_path: Path
+) -> None:
+    """`prepare` with `init_from = "gpt2"` needs no hub (nor the weights)."""
+    code = cli.main(["prepare", "--config", str(prepared_experiment), "--model.init_from",
+                     "no-such-owner/no-such-model", "--data.dataset_dir", str(tmp_path / "d")])  # fmt: skip
+    assert code == 0 and (tmp_path / "d" / "meta.pkl").is_file()
