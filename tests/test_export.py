@@ -93,6 +93,7 @@ def test_gpt2_bpe_run_exports_a_folder_pipeline_reads(
                      "--checkpointing.dirpath", str(ckpt), "--output", str(out)]) == 0  # fmt: skip
     for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 8
     same_logits(ckpt, out, 50257)
     generate = pipeline("text-generation", model=str(out))
     text = generate("the king", max_new_tokens=5, do_sample=False)[0]["generated_text"]

@@ -84,7 +84,7 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
         )
     path, model, tokenizer, meta = load_model(ckpt, dirpath, dataset_dir)
     vocab = tokenizer.vocab_size
-    files = tokenizer_files(meta)
+    files = tokenizer_files(meta, model.config.block_size)
     keys = ("block_size", "n_embd", "n_layer", "n_head", "activation")
     args = {k: getattr(model.config, k) for k in keys}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -112,13 +112,13 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
     return path
 
 
-def tokenizer_files(meta: dict[str, Any]) -> dict[str, bytes]:
+def tokenizer_files(meta: dict[str, Any], context: int) -> dict[str, bytes]:
     """The tokenizer as files beside the weights (read before anything is written)."""
     if meta.get("tokenizer") == "tiktoken" and meta.get("encoding") in ("gpt2", "r50k_base"):
         from tiktoken.load import read_file_cached  # tiktoken's cache, or its download
 
         files = {name: read_file_cached(url) for name, url in GPT2_FILES.items()}
-        settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024}
+        settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context}
         settings |= {key: "<|endoftext|>" for key in ("bos_token", "eos_token", "unk_token")}
         files["tokenizer_config.json"] = json.dumps(settings, indent=2).encode()
         return files
