@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from ml_playground import cli
-from ml_playground.checkpoint_writing import AtomicCheckpointIO
+from ml_playground.checkpoint_writing import AtomicCheckpointIO, writes_finish_first
 from ml_playground.errors import CheckpointError
 from ml_playground.locking import LOCK_FILENAME, FolderLock
 
@@ -144,6 +145,21 @@ def test_ctrl_c_inside_torch_save_stays_an_interrupt(
             {"w": torch.ones(1)}, tmp_path / "ckpt_last_00000001.pt"
         )
     assert list(tmp_path.iterdir()) == []  # no partial file
+
+
+def test_ctrl_c_during_a_write_and_its_rotation_lands_after_both(tmp_path: Path) -> None:
+    """A real SIGINT between writing the new best and deleting the old one: both steps run,
+    then the interrupt is raised, once, however many came."""
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    old.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with writes_finish_first():
+            new.write_bytes(b"new")
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            old.unlink()
+    assert [p.name for p in tmp_path.iterdir()] == ["new.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # --------------------------------------------------------------------------- unexpected OSError

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import random
 import re
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -59,6 +63,25 @@ class CheckpointingConfig(Section):
 
 
 E = TypeVar("E", bound=BaseException)
+
+
+@contextmanager
+def writes_finish_first() -> Iterator[None]:
+    """Hold a Ctrl-C until a write and the rotation it triggers are both done, so the files on
+    disk are the windows the saved state describes (a Ctrl-C between writing a new best file
+    and deleting the one it replaces would leave both). SIGTERM needs no such care: Lightning
+    only raises it between batches."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: held.append((number, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and callable(previous):
+        previous(*held[0])  # Python's default handler raises KeyboardInterrupt here
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -265,10 +288,11 @@ class GPTCheckpoint(ModelCheckpoint):
                 f"{', '.join(logged)}"
             )
         written = self.best_model_path
-        self._save_topk_checkpoint(trainer, candidates)
-        if self.best_model_path != written:  # rotation deletes only right after a write
-            self._trim_best(trainer)
-        self._flush_last(trainer)
+        with writes_finish_first():
+            self._save_topk_checkpoint(trainer, candidates)
+            if self.best_model_path != written:  # rotation deletes only right after a write
+                self._trim_best(trainer)
+            self._flush_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The stream is endless: the epoch ends only when training stops (max_steps, early
@@ -366,15 +390,16 @@ class GPTCheckpoint(ModelCheckpoint):
         before = self.last_k_models, self.last_model_path
         # Set before saving: they are part of the saved state.
         self.last_k_models, self.last_model_path = window[-self.keep_last :], path
-        try:
-            self._save_checkpoint(trainer, path)
-        except BaseException:  # e.g. Ctrl-C mid-write: on_exception writes this step again
-            self.last_k_models, self.last_model_path = before
-            raise
-        self._last_step_written = trainer.global_step
-        for old in window[: -self.keep_last]:
-            if self._should_remove_checkpoint(trainer, old, path):
-                self._remove_checkpoint(trainer, old)
+        with writes_finish_first():
+            try:
+                self._save_checkpoint(trainer, path)
+            except BaseException:  # e.g. a failed write: the windows stay as they were
+                self.last_k_models, self.last_model_path = before
+                raise
+            self._last_step_written = trainer.global_step
+            for old in window[: -self.keep_last]:
+                if self._should_remove_checkpoint(trainer, old, path):
+                    self._remove_checkpoint(trainer, old)
 
     def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
         if self._continued is not None and Path(previous).resolve() == self._continued:
