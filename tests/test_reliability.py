@@ -152,14 +152,17 @@ def test_ctrl_c_during_a_write_and_its_rotation_lands_after_both(tmp_path: Path)
     then the interrupt is raised, once, however many came."""
     old, new = tmp_path / "old.pt", tmp_path / "new.pt"
     old.write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        with writes_finish_first():
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
+    try:
+        with pytest.raises(KeyboardInterrupt), writes_finish_first():
             new.write_bytes(b"new")
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
             old.unlink()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert [p.name for p in tmp_path.iterdir()] == ["new.pt"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # --------------------------------------------------------------------------- unexpected OSError

@@ -62,14 +62,15 @@ def find_checkpoint(dirpath: Path, which: str) -> Path:
     return path
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Unpickle a checkpoint file safely (weights_only=True); no validation beyond a dict."""
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Unpickle a checkpoint file safely (weights_only=True); no validation beyond a dict.
+    With `mmap` the tensors stay in the file until used (no second copy in memory)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     _refuse_expanding(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, not a pickle, disallowed global, ...
         text = _ANSI_ESCAPE.sub("", str(exc)).strip()
         found = _UNSAFE_GLOBAL.search(text)
@@ -110,9 +111,13 @@ def is_nanogpt_checkpoint(checkpoint: dict[str, Any]) -> bool:
     return all(key in checkpoint for key in NANOGPT_KEYS) and SECTION not in checkpoint
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint safely and check it is one of ours, of a known version."""
-    checkpoint = read_checkpoint(path)
+    return checked_checkpoint(path, read_checkpoint(path, mmap=mmap))
+
+
+def checked_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """`checkpoint`, read from `path`, if it is one of ours of a known version."""
     if is_nanogpt_checkpoint(checkpoint):
         raise CheckpointError(
             f"{path}: a nanoGPT checkpoint; `sample --sample.ckpt {path}` can sample from it, "

@@ -70,18 +70,19 @@ def _hf_config(folder: Path) -> dict[str, Any]:
 
 
 def _checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A nanoGPT or ml-playground checkpoint's model arguments and weights."""
+    """A nanoGPT or ml-playground checkpoint's model arguments and weights, memory-mapped:
+    reading the shape costs no tensor reads, and the weights are copied once, into the model."""
     from ml_playground.checkpoint_reading import (
         SECTION,
+        checked_checkpoint,
         is_nanogpt_checkpoint,
-        load_checkpoint,
         read_checkpoint,
     )
 
-    raw = read_checkpoint(path)
+    raw = read_checkpoint(path, mmap=True)
     if is_nanogpt_checkpoint(raw):
         return dict(raw["model_args"]), strip_compile_prefix(raw["model"])
-    checkpoint = load_checkpoint(path)
+    checkpoint = checked_checkpoint(path, raw)
     state = checkpoint["state_dict"]
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return dict(checkpoint[SECTION]["model_args"]), strip_compile_prefix(weights)

@@ -12,9 +12,9 @@ from pydantic import Field
 
 from ml_playground.checkpoint_reading import (
     SECTION,
+    checked_checkpoint,
     find_checkpoint,
     is_nanogpt_checkpoint,
-    load_checkpoint,
     managed_files,
     read_checkpoint,
 )
@@ -196,7 +196,7 @@ def load_model(
         if foreign:
             checkpoint, meta = from_nanogpt(path, raw, dataset_dir)
         else:
-            checkpoint = load_checkpoint(path)
+            checkpoint = checked_checkpoint(path, raw)
             meta = checkpoint[SECTION]["meta"]
         model = model_from_checkpoint(path, checkpoint)
     tokenizer = tokenizer_from_meta(meta)

@@ -259,7 +259,7 @@ def refused_trainer_values() -> Iterator[None]:
 
 def check_resume(path: Path, module: GPTLightningModule, datamodule: GPTDataModule) -> None:
     """The checkpoint fits this model and dataset, checked before any work."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, mmap=True)  # Lightning reads it again to resume
     check_compatible(path, checkpoint, module.model_args, datamodule.vocab_size, datamodule.meta)
 
 
