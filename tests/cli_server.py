@@ -6,9 +6,17 @@ is a real process that sets its working directory, environment and argv, sends i
 files and runs the real `ml_playground.cli.main`, as `python -m ml_playground ARGS` would.
 
 Protocol: one JSON request per line on stdin, `{"id", "args", "cwd", "env", "stdout",
-"stderr"}`; JSON lines on the file descriptor named by argv[1]: `{"id", "pid"}` when a
+"stderr"}` and optionally "file_size_limit" (RLIMIT_FSIZE, with SIGXFSZ ignored); JSON lines on the file descriptor named by argv[1]: `{"id", "pid"}` when a
 command starts, `{"id", "pid", "code"}` when it ends (code as subprocess reports it: negative
 for a signal). Single-threaded, so forking is safe.
+
+DDP ranks start warm too. Lightning's launcher starts ranks 1.. as `sys.executable -m
+ml_playground ARGS`; in the children, `sys.executable` is a small program (written to the
+folder named by argv[2], see RANK_PROGRAM) that hands its command line, environment, working
+directory and standard streams to this server over a Unix socket, and waits for the forked
+child as if it were that child: it passes on SIGINT/SIGTERM, exits with the child's code, and
+when it is killed the child notices (a pipe only it holds closes) and kills itself. Any other
+command line (a compiler worker, say) runs the real interpreter.
 """
 
 from __future__ import annotations
@@ -16,29 +24,78 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import select
 import signal
+import socket
 import sys
+import threading
+from pathlib import Path
 
 import ml_playground.cli  # the expensive import, done once
 
 REPLIES = int(sys.argv[1]) if __name__ == "__main__" else -1
+RANK_PATH = Path(sys.argv[2] if __name__ == "__main__" else ".") / "python"
+RANK_PROGRAM = """#!{python} -S
+import json, os, resource, signal, socket, sys
+python, address = {python!r}, {address!r}
+if sys.argv[1:2] != ["-m"] or sys.argv[2] not in ("ml_playground", "ml_playground.__main__"):
+    os.execv(python, [python, *sys.argv[1:]])
+server = socket.socket(socket.AF_UNIX)
+server.connect(address)
+lifeline, keep = os.pipe()
+request = {{"args": sys.argv[3:], "cwd": os.getcwd(), "env": dict(os.environ),
+           "file_size_limit": list(resource.getrlimit(resource.RLIMIT_FSIZE))}}
+socket.send_fds(server, [b"r"], [0, 1, 2, lifeline])
+server.sendall(json.dumps(request).encode() + b"\\n")
+os.close(lifeline)
+replies = server.makefile()
+pid = json.loads(replies.readline())["pid"]
+for number in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(number, lambda number, frame: os.kill(pid, number))
+line = replies.readline()
+code = json.loads(line)["code"] if line else 1
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+inherited: list[int] = []  # the server's descriptors, closed in each child
 
 
-def child(request: dict) -> None:
-    """Become `python -m ml_playground ARGS` (never returns)."""
+def child(request: dict, streams: list[int] | None = None) -> None:
+    """Become `python -m ml_playground ARGS` (never returns). `streams`: the standard streams
+    and life line a rank program sent; otherwise the request names files for the output."""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:0] = [p for p in extra if p not in sys.path]
     null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
-    os.close(REPLIES)
+    for fd in inherited:  # not os.close: the server's socket objects close them at exit
+        os.dup2(null, fd)
+    if streams is None:
+        os.dup2(null, 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+    else:
+        for fd, received in enumerate(streams[:3]):
+            os.dup2(received, fd)
+        lifeline = streams[3]
+
+        def follow_the_rank_program() -> None:
+            os.read(lifeline, 1)  # returns when the rank program is gone
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=follow_the_rank_program, daemon=True).start()
+    sys.executable = str(RANK_PATH)
+    limit = request.get("file_size_limit")  # as a preexec_fn would set it
+    if limit is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write is an OSError (EFBIG)
+        soft, hard = limit if isinstance(limit, list) else (limit, limit)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     # As in a terminal: the caller's runner (uv, a background shell) may ignore SIGINT, and a
     # process inherits that; Python only turns SIGINT into KeyboardInterrupt if it is not.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -49,34 +106,74 @@ def child(request: dict) -> None:
     sys.exit(ml_playground.cli.main(request["args"]))
 
 
-def reply(request_id: str, pid: int, code: int | None = None) -> None:
-    message = {"id": request_id, "pid": pid} | ({} if code is None else {"code": code})
-    os.write(REPLIES, (json.dumps(message) + "\n").encode())
+def reply(to: str | socket.socket, pid: int, code: int | None = None) -> None:
+    """To the test suite (`to` a request id) or to a rank program (its connection)."""
+    message = {"pid": pid} | ({} if code is None else {"code": code})
+    if isinstance(to, socket.socket):
+        try:
+            to.sendall((json.dumps(message) + "\n").encode())
+        except OSError:
+            pass  # the rank program was killed (its child followed it through the life line)
+        if code is not None:
+            inherited.remove(to.fileno())
+            to.close()
+    else:
+        os.write(REPLIES, (json.dumps({"id": to} | message) + "\n").encode())
+
+
+def start(request: dict, to: str | socket.socket, streams: list[int] | None = None) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(request, streams)
+    for fd in streams or []:
+        os.close(fd)
+    reply(to, pid)
+    return pid
+
+
+def accept_rank(listener: socket.socket) -> tuple[dict, socket.socket, list[int]]:
+    connection, _ = listener.accept()
+    _, streams, _, _ = socket.recv_fds(connection, 1, 4)
+    connection.settimeout(30)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError("a rank program hung up before its request")
+        data += chunk
+    connection.settimeout(None)
+    inherited.append(connection.fileno())
+    return json.loads(data), connection, streams
 
 
 def main() -> None:
-    running: dict[int, str] = {}  # pid -> request id
+    listener = socket.socket(socket.AF_UNIX)
+    RANK_PATH.with_suffix(".sock").unlink(missing_ok=True)
+    listener.bind(str(RANK_PATH.with_suffix(".sock")))
+    listener.listen(16)
+    RANK_PATH.write_text(
+        RANK_PROGRAM.format(python=sys.executable, address=str(RANK_PATH.with_suffix(".sock")))
+    )
+    RANK_PATH.chmod(0o755)
+    inherited.extend([REPLIES, listener.fileno()])
+    running: dict[int, str | socket.socket] = {}  # pid -> request id or rank connection
     pending = b""
     stdin_open = True
     while stdin_open or running:
-        if stdin_open:
-            ready, _, _ = select.select([0], [], [], 0.02)
-            if ready:
-                chunk = os.read(0, 65536)
-                stdin_open = bool(chunk)
-                pending += chunk
-                while b"\n" in pending:
-                    line, pending = pending.split(b"\n", 1)
-                    request = json.loads(line)
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    pid = os.fork()
-                    if pid == 0:
-                        child(request)
-                    running[pid] = request["id"]
-                    reply(request["id"], pid)
-        else:
-            select.select([], [], [], 0.02)
+        ready, _, _ = select.select([0, listener] if stdin_open else [listener], [], [], 0.02)
+        if listener in ready:
+            request, connection, streams = accept_rank(listener)
+            running[start(request, connection, streams)] = connection
+        if 0 in ready:
+            chunk = os.read(0, 65536)
+            stdin_open = bool(chunk)
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                request = json.loads(line)
+                running[start(request, request["id"])] = request["id"]
         while running:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -210,7 +211,7 @@ class WarmCli:
         read_end, write_end = os.pipe()
         server = Path(__file__).with_name("cli_server.py")
         self.process = subprocess.Popen(
-            [sys.executable, str(server), str(write_end)],
+            [sys.executable, str(server), str(write_end), str(folder)],
             stdin=subprocess.PIPE,
             pass_fds=(write_end,),
             env=dict(env),
@@ -229,14 +230,16 @@ class WarmCli:
             if "code" in message:
                 slot["done"].set()
 
-    def start(self, args: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
+    def start(
+        self, args: list[str], cwd: Path, env: Mapping[str, str], file_size_limit: int | None
+    ) -> WarmProcess:
         """The command in a child process, running in the background."""
         request_id = uuid.uuid4().hex
         out, err = self.folder / f"{request_id}.out", self.folder / f"{request_id}.err"
         slot: dict[str, Any] = {"done": threading.Event()}
         self.slots[request_id] = slot
         request = {"id": request_id, "args": args, "cwd": str(cwd), "env": dict(env),
-                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
+                   "stdout": str(out), "stderr": str(err), "file_size_limit": file_size_limit}  # fmt: skip
         with self.lock:
             assert self.process.stdin is not None
             self.process.stdin.write((json.dumps(request) + "\n").encode())
@@ -244,9 +247,10 @@ class WarmCli:
         return WarmProcess([sys.executable, "-m", "ml_playground", *args], slot, out, err)
 
     def run(
-        self, args: list[str], cwd: Path, env: Mapping[str, str], timeout: float
-    ) -> subprocess.CompletedProcess:
-        process = self.start(args, cwd, env)
+        self, args: list[str], cwd: Path, env: Mapping[str, str], timeout: float,
+        file_size_limit: int | None,
+    ) -> subprocess.CompletedProcess:  # fmt: skip
+        process = self.start(args, cwd, env, file_size_limit)
         try:
             stdout, stderr = process.communicate(timeout)
         except subprocess.TimeoutExpired:
@@ -283,40 +287,64 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     if os.environ.get("ML_PLAYGROUND_TEST_COLD", "") in ("", "0"):
         warm = WarmCli(base, tmp_path_factory.mktemp("cli_output"))
 
+    def environment(extra: Mapping[str, str | None] | None) -> dict[str, str]:
+        full_env = dict(base, ML_PLAYGROUND_CACHE=str(cache))
+        for key, value in (extra or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        return full_env
+
+    def preexec(file_size_limit: int | None) -> Callable[[], None]:
+        """For a cold process: what cli_server.py does for a warm one."""
+
+        def setup() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in a terminal
+            if file_size_limit is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+        return setup
+
     def run(
         *args: str | os.PathLike[str],
         cwd: Path,
         env: Mapping[str, str | None] | None = None,
         check: bool = True,
+        file_size_limit: int | None = None,
     ) -> subprocess.CompletedProcess:
-        full_env = dict(base, ML_PLAYGROUND_CACHE=str(cache))
-        for key, value in (env or {}).items():
-            if value is None:
-                full_env.pop(key, None)
-            else:
-                full_env[key] = value
+        full_env = environment(env)
         argv = [str(arg) for arg in args]
         if warm is not None:
-            result = warm.run(argv, cwd, full_env, timeout=300)
+            result = warm.run(argv, cwd, full_env, 300, file_size_limit)
         else:
             result = subprocess.run(
                 [sys.executable, "-m", "ml_playground", *argv], cwd=cwd, env=full_env,
                 capture_output=True, text=True, timeout=300, check=False,
+                preexec_fn=preexec(file_size_limit),
             )  # fmt: skip
         if check:
             assert result.returncode == 0, "command failed\n" + format_result(result)
         return result
 
-    def start(*args: str | os.PathLike[str], cwd: Path) -> Any:
-        """The command in the background: a WarmProcess (a Popen when cold)."""
-        env = dict(base, ML_PLAYGROUND_CACHE=str(cache))
+    def start(
+        *args: str | os.PathLike[str],
+        cwd: Path,
+        env: Mapping[str, str | None] | None = None,
+        file_size_limit: int | None = None,
+        stdout: bool = False,
+    ) -> Any:
+        """The command in the background: a WarmProcess (a Popen when cold), whose
+        `communicate()` gives stderr, and stdout when `stdout` (a warm one always keeps it)."""
+        full_env = environment(env)
         argv = [str(arg) for arg in args]
         if warm is not None:
-            return warm.start(argv, cwd, env)
+            return warm.start(argv, cwd, full_env, file_size_limit)
         return subprocess.Popen(
-            [sys.executable, "-m", "ml_playground", *argv], cwd=cwd, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+            [sys.executable, "-m", "ml_playground", *argv], cwd=cwd, env=full_env,
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, preexec_fn=preexec(file_size_limit),
         )  # fmt: skip
 
     run.start = start  # type: ignore[attr-defined]

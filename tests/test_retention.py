@@ -241,7 +241,9 @@ def test_files_a_kill_left_outside_the_windows_rotate_out_when_the_line_goes_on(
     tmp_path: Path,
 ) -> None:
     """A kill between writing a file and deleting the one it replaced leaves that one outside
-    the saved windows; resumed from the newest `last`, it rotates out with the next write."""
+    the saved windows. Resumed from the newest `last`, the cut-short rotation of `best` files
+    is finished at once (the window the state knew keeps its size); a `last` rotates out with
+    the next write."""
     first = make_callback(tmp_path, 2, 1)
     trainer = StandInTrainer()
     start(first, trainer)
@@ -250,16 +252,47 @@ def test_files_a_kill_left_outside_the_windows_rotate_out_when_the_line_goes_on(
     state = first.state_dict()
     (tmp_path / "ckpt_last_00000001.pt").write_bytes(b"left behind")
     (tmp_path / "ckpt_best_00000002_val_loss=3.0000.pt").write_bytes(b"left behind")
+    (tmp_path / "ckpt_best_00000001_train_loss=0.5000.pt").write_bytes(b"another metric's")
 
     resumed = make_callback(tmp_path, 2, 1)
     resumed.load_state_dict(state)
     trainer.ckpt_path = str(tmp_path / "ckpt_last_00000005.pt")
     start(resumed, trainer)
-    assert len(list(tmp_path.iterdir())) == 5  # nothing deleted before a write
+    assert resumed.best_model_path == str(tmp_path / "ckpt_best_00000005_val_loss=2.0000.pt")
+    assert not (tmp_path / "ckpt_best_00000002_val_loss=3.0000.pt").exists()
     trainer.train(resumed, 1)
     trainer.validate(resumed, {"val/loss": 1.0})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_best_00000001_train_loss=0.5000.pt",
         "ckpt_best_00000006_val_loss=1.0000.pt",
         "ckpt_last_00000005.pt",
         "ckpt_last_00000006.pt",
+    ]
+
+
+def test_a_best_a_kill_left_after_the_newest_last_is_kept_when_better(tmp_path: Path) -> None:
+    """Killed after writing a new best at step 7 and before deleting the old one (and before
+    the next `last`): the run goes on from step 6 with the step-7 file as its best."""
+    first = make_callback(tmp_path, 1, 1, every=2)
+    trainer = StandInTrainer()
+    start(first, trainer)
+    trainer.train(first, 5)
+    trainer.validate(first, {"val/loss": 2.0})
+    trainer.train(first, 2)  # the `last` of step 6 is written as step 7 starts
+    state = first.state_dict()
+    (tmp_path / "ckpt_best_00000007_val_loss=1.5000.pt").write_bytes(b"written before the kill")
+
+    resumed = make_callback(tmp_path, 1, 1, every=2)
+    resumed.load_state_dict(state)
+    trainer.ckpt_path, trainer.global_step = str(tmp_path / "ckpt_last_00000006.pt"), 6
+    start(resumed, trainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_best_00000007_val_loss=1.5000.pt",
+        "ckpt_last_00000006.pt",
+    ]
+    assert resumed.best_model_score == pytest.approx(1.5)
+    trainer.train(resumed, 3)
+    trainer.validate(resumed, {"val/loss": 1.7})  # no improvement on 1.5: nothing written
+    assert [p.name for p in tmp_path.glob("ckpt_best_*")] == [
+        "ckpt_best_00000007_val_loss=1.5000.pt"
     ]

@@ -3,7 +3,7 @@ and plugins; finding, reading and validating files is in `checkpoint_reading.py`
 
 Files: `ckpt_last_XXXXXXXX.pt` and `ckpt_best_XXXXXXXX_<metric>=<value>.pt`, XXXXXXXX the
 optimizer step. `keep.last` / `keep.best` are independent windows; rotation deletes only these
-files and only right after writing one.
+files, only right after writing one (or, on resume, to finish a rotation a kill cut short).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ml_playground.checkpoint_reading import (
     FORMAT_VERSION,
     SECTION,
     TMP_PATTERN,
-    file_step,
     managed_files,
 )
 from ml_playground.errors import CheckpointError, ConfigError, TrainingError
@@ -126,6 +125,13 @@ _SCORE = "monitored"  # the monitored value, under a name the `filename` templat
 _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) == float(text)  # not NaN
+    except ValueError:
+        return False
+
+
 def metric_slug(metric: str) -> str:
     """The metric's name as it appears in a file name."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
@@ -154,7 +160,9 @@ class GPTCheckpoint(ModelCheckpoint):
       them between runs would silently drop the saved state.
     - `setup`: also clears temporary files of a process killed mid-write; the base's
       "folder is not empty" warning is silenced (every resume starts that way).
-    - `on_train_start`: also writes `last` at step 0, before the first step.
+    - `on_train_start`: also writes `last` at step 0, before the first step; continuing
+      from the newest `last`, files a kill left outside the saved windows join them, and the
+      `best` rotation the kill cut short is finished.
     - `on_train_batch_end`: every `every_n_steps` schedules only a `last` file; the base
       would also rank the previous validation's (stale) metric.
     - `on_train_batch_start` (a no-op in the base): writes the `last` scheduled at the step
@@ -213,6 +221,7 @@ class GPTCheckpoint(ModelCheckpoint):
         self._pending_last: int | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._continued: Path | None = None  # the newest `last`, when resumed from it
+        self._same_ranking = False  # the loaded state ranked this metric, in this mode
 
     @property
     def state_key(self) -> str:
@@ -247,12 +256,16 @@ class GPTCheckpoint(ModelCheckpoint):
         self._continued = resumed if lasts and resumed == lasts[-1].resolve() else None
         if self._continued is not None:
             # The same line goes on: files a kill left between a write and its rotation (so
-            # the saved windows do not know them) join the windows and rotate out in turn.
+            # the saved windows do not know them) join the windows, and the rotation the kill
+            # cut short is finished. A best newer than the newest `last` is of this line too.
             self.last_k_models = [str(p) for p in lasts]
-            for path in managed_files(folder, "best"):
-                if file_step(path) <= file_step(self._continued):
-                    score = torch.tensor(float(path.stem.rpartition("=")[2]))
-                    self.best_k_models.setdefault(str(path), score)
+            if self._same_ranking and self.save_top_k > 0:
+                known = len(self.best_k_models)
+                for path in managed_files(folder, "best"):
+                    metric, _, score = path.stem.split("_", 3)[3].rpartition("=")
+                    if metric == metric_slug(self.monitor) and _is_number(score):
+                        self.best_k_models.setdefault(str(path), torch.tensor(float(score)))
+                self._trim_best(trainer, keep=max(self.save_top_k, known))
         if trainer.global_step == 0:
             self._save_last_checkpoint(trainer, {})
 
@@ -291,7 +304,7 @@ class GPTCheckpoint(ModelCheckpoint):
         with writes_finish_first():
             self._save_topk_checkpoint(trainer, candidates)
             if self.best_model_path != written:  # rotation deletes only right after a write
-                self._trim_best(trainer)
+                self._trim_best(trainer, keep=self.save_top_k)
             self._flush_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -323,6 +336,7 @@ class GPTCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("monitor") != self.monitor or state_dict.get("mode") != self.mode:
             return  # another metric: its scores mean nothing for this one
+        self._same_ranking = True
         here = Path(str(self.dirpath))
 
         def moved(path: str) -> str:  # the folder may have been moved since
@@ -417,20 +431,24 @@ class GPTCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, {})
         self._pending_last = None
 
-    def _trim_best(self, trainer: pl.Trainer) -> None:
-        """After `keep.best` was lowered on resume, the window shrinks as new files come."""
-        if len(self.best_k_models) <= self.save_top_k or self.save_top_k == 0:
-            return
-        worst_first = sorted(
+    def _trim_best(self, trainer: pl.Trainer, keep: int) -> None:
+        """Keep the `keep` best files of the window and point the base's members at them:
+        after a write, when `keep.best` was lowered on resume (the window shrinks as new files
+        come), and on resume, for files a kill left."""
+        best_first = sorted(
             self.best_k_models,
             key=lambda p: float(self.best_k_models[p]),
-            reverse=self.mode == "min",
+            reverse=self.mode == "max",
         )
-        for path in worst_first[: len(worst_first) - self.save_top_k]:
+        if not best_first:
+            return
+        self.best_model_path = best_first[0]
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        for path in best_first[keep:]:
             self.best_k_models.pop(path)
             if self._should_remove_checkpoint(trainer, path, self.best_model_path):
                 self._remove_checkpoint(trainer, path)
-        self.kth_best_model_path = worst_first[len(worst_first) - self.save_top_k]
+        self.kth_best_model_path = best_first[:keep][-1]
         self.kth_value = self.best_k_models[self.kth_best_model_path]
 
     def _refuse_non_finite(self, trainer: pl.Trainer, path: str) -> None:

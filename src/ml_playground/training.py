@@ -181,7 +181,7 @@ def set_aside_later_steps(dirpath: Path, resume: Path) -> Path | None:
     keep windows follow the new branch and nothing is lost. Returns that folder.
 
     From the newest `last` the run goes on along the same line: a best written just before a
-    kill stays, and is written again under the same name when its step is replayed."""
+    kill stays, in the callback's best window (GPTCheckpoint.on_train_start)."""
     lasts = managed_files(dirpath, "last")
     if lasts and lasts[-1].resolve() == resume.resolve():
         return None

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import re
-import resource
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from e2e.harness import Trained, child_env, free_port
+from e2e.harness import Trained, free_port
 from ml_playground.checkpoint_reading import LAST_PATTERN
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
@@ -75,30 +71,19 @@ def test_ddp_resume(tmp_path, make_experiment, cli) -> None:
 
 
 def run_two_nodes(
-    config: Path, folder: Path, node0_setup: Callable[[], None] | None = None
-) -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
+    cli, config: Path, folder: Path, node0_file_size_limit: int | None = None
+) -> tuple[list[Any], list[tuple[str, str]]]:
     """`fit` as two one-process "nodes" on localhost, started separately (as torchrun or
-    SLURM would); node0_setup runs in node 0's process before it starts. Returns the processes
-    and their (stdout, stderr)."""
+    SLURM would). Returns the processes and their (stdout, stderr)."""
     port = str(free_port())
-    args = [sys.executable, "-m", "ml_playground", "fit", "--config", str(config),
-            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+    args = ["fit", "--config", config, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
             "--trainer.num_nodes", "2", "--trainer.devices", "1"]  # fmt: skip
     procs = []
     for node in (0, 1):
-        env = dict(child_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node),
-                   LOCAL_RANK="0", WORLD_SIZE="2")  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                args,
-                cwd=folder,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                preexec_fn=node0_setup if node == 0 else None,
-            )
-        )
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node),
+               "LOCAL_RANK": "0", "WORLD_SIZE": "2"}  # fmt: skip
+        limit = node0_file_size_limit if node == 0 else None
+        procs.append(cli.start(*args, cwd=folder, env=env, file_size_limit=limit, stdout=True))
     outputs = []
     try:
         for proc in procs:
@@ -114,17 +99,14 @@ def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
     """What the README's multi-node section says, with both "nodes" on localhost."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
-    procs, outputs = run_two_nodes(config, tmp_path)
+    procs, outputs = run_two_nodes(cli, config, tmp_path)
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, f"{out}\n{err}"
     assert "best val/loss" in outputs[0][0] and "best val/loss" not in outputs[1][0]
     assert "ckpt_last_00000020.pt" in names(tmp_path / "ckpt")
 
 
-def limit_file_size() -> None:
-    """Writes past 60 kB fail (EFBIG): the step-0 checkpoint fits, the step-5 one does not."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+FILE_SIZE_LIMIT = 60_000  # writes past it fail (EFBIG): the step-0 checkpoint fits, step 5's not
 
 
 def processes_mentioning(marker: str) -> list[int]:
@@ -148,12 +130,8 @@ def test_failure_on_rank0_alone_stops_the_ranks_it_started(tmp_path, make_experi
     cli("prepare", "--config", config, cwd=tmp_path)
     ckpt = tmp_path / "ckpt-rank0-fails"
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "ml_playground", "fit", "--config", str(config), *DDP,
-         "--checkpointing.dirpath", str(ckpt)],
-        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=240,
-        preexec_fn=limit_file_size, check=False,
-    )  # fmt: skip
+    result = cli("fit", "--config", config, *DDP, "--checkpointing.dirpath", ckpt, cwd=tmp_path,
+                 check=False, file_size_limit=FILE_SIZE_LIMIT)  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 120
     errors = [line for line in result.stderr.splitlines() if line.startswith("ml-playground:")]
@@ -169,7 +147,7 @@ def test_a_rank_that_loses_its_peer_says_so_in_one_line(tmp_path, make_experimen
     finds its peer gone and says so in one line instead of a traceback."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
-    procs, outputs = run_two_nodes(config, tmp_path, node0_setup=limit_file_size)
+    procs, outputs = run_two_nodes(cli, config, tmp_path, node0_file_size_limit=FILE_SIZE_LIMIT)
     (_, err0), (_, err1) = outputs
     assert procs[0].returncode == 1 and "could not write checkpoint" in err0, err0
     assert procs[1].returncode == 1, err1
