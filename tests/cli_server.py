@@ -21,6 +21,7 @@ command line (a compiler worker, say) runs the real interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -110,10 +111,9 @@ def reply(to: str | socket.socket, pid: int, code: int | None = None) -> None:
     """To the test suite (`to` a request id) or to a rank program (its connection)."""
     message = {"pid": pid} | ({} if code is None else {"code": code})
     if isinstance(to, socket.socket):
-        try:
+        # OSError: the rank program was killed (its child followed it through the life line)
+        with contextlib.suppress(OSError):
             to.sendall((json.dumps(message) + "\n").encode())
-        except OSError:
-            pass  # the rank program was killed (its child followed it through the life line)
         if code is not None:
             inherited.remove(to.fileno())
             to.close()

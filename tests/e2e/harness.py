@@ -113,12 +113,6 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 # --------------------------------------------------------------------------- processes
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
-    env.update(extra)
-    return env
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

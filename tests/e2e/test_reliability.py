@@ -15,11 +15,9 @@ import json
 import os
 import pickle
 import random
-import resource
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -42,7 +40,6 @@ from e2e.harness import (
     Trained,
     all_finite,
     assert_one_error_line,
-    child_env,
     ckpt_files,
     free_port,
     last_steps,
@@ -544,22 +541,8 @@ def disk_full_while_writing_a_checkpoint(ctx: Context) -> Result:
     step-0 checkpoint (no optimizer state yet, ~40 kB) fits and the step-5 one (~80 kB) not."""
     folder = ctx.mktemp("disk_full")
     ctx.notes["disk_full"] = folder
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
-    args = [sys.executable, "-m", "ml_playground", "fit", *ctx.fit_flags(folder)]
-    return subprocess.run(
-        [*args, "--trainer.max_steps", "10"],
-        cwd=folder,
-        env=child_env(PYTHONDONTWRITEBYTECODE="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit,
-        check=False,
-    )
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.max_steps", "10", cwd=folder,
+                   check=False, file_size_limit=60_000)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
