@@ -263,7 +263,7 @@ class GPTCheckpoint(ModelCheckpoint):
                 known = len(self.best_k_models)
                 for path in managed_files(folder, "best"):
                     metric, _, score = path.stem.split("_", 3)[3].rpartition("=")
-                    if metric == metric_slug(self.monitor) and _is_number(score):
+                    if metric == metric_slug(str(self.monitor)) and _is_number(score):
                         self.best_k_models.setdefault(str(path), torch.tensor(float(score)))
                 self._trim_best(trainer, keep=max(self.save_top_k, known))
         if trainer.global_step == 0:
