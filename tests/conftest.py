@@ -166,8 +166,10 @@ class WarmProcess:
     def __init__(self, args: list[str], slot: dict[str, Any], out: Path, err: Path) -> None:
         self.args, self.slot, self.out, self.err = args, slot, out, err
         deadline = time.monotonic() + 600  # the server's first command waits for its imports
-        while "pid" not in slot and time.monotonic() < deadline:
+        while "pid" not in slot and not slot["done"].is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
+        if "pid" not in slot:
+            raise RuntimeError("tests/cli_server.py did not start the command (see its stderr)")
         self.pid: int = slot["pid"]
         self.stderr = self  # `process.stderr.read()`, as with stderr=PIPE
 
@@ -229,6 +231,9 @@ class WarmCli:
             slot.update(message)
             if "code" in message:
                 slot["done"].set()
+        for slot in list(self.slots.values()):  # the server is gone: nothing will end
+            slot.setdefault("code", 1)
+            slot["done"].set()
 
     def start(
         self, args: list[str], cwd: Path, env: Mapping[str, str], file_size_limit: int | None
