@@ -42,6 +42,7 @@ def test_init_from_a_hugging_face_folder_matches_transformers(
     assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (2, 4, 32, 16)
     assert shape.bias is True and shape.activation == ours  # the source's, not the config's
     module = GPTLightningModule(50257, 64, **cfg.model.model_dump()).eval()
+    module.load_init_from()  # as fit does when it starts
     assert module.model.config.vocab_size == 50304  # padded; the extra rows are never sampled
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -124,6 +125,12 @@ def test_round_trip_folder_fit_at_learning_rate_zero_export(
     assert before.keys() - {"lm_head.weight"} == after.keys() - {"lm_head.weight"}
     for name in after:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+
+    # Resuming and validating take the checkpoint's weights: the source's are never read.
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    assert cli.main(["fit", "--config", str(config), *run, "--ckpt_path", "last",
+                     "--trainer.max_steps", "3", "--trainer.val_check_interval", "1"]) == 0  # fmt: skip
+    assert cli.main(["validate", "--config", str(config), *run, "--ckpt_path", "last"]) == 0
 
 
 def test_a_nanogpt_checkpoint_can_be_fine_tuned(prepared_experiment: Path, tmp_path: Path) -> None:

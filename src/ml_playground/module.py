@@ -183,10 +183,11 @@ class GPTLightningModule(pl.LightningModule):
         shape = gpt_config(config, vocab_size)
         _refuse_unbuildable(shape)
         self.model = GPT(shape)
-        if config.init_from != "scratch":
-            from ml_playground.pretrained import load_into
+        if config.init_from != "scratch":  # checked now; the weights come with load_init_from
+            from ml_playground.pretrained import check_tokens, source_shape
 
-            load_into(self.model, config.init_from, vocab_size)
+            rows = source_shape(config.init_from)["vocab_size"]
+            check_tokens(config.init_from, rows, vocab_size, self.model)
         self.tokens_per_batch = tokens_per_batch
         # Plain types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters(
@@ -198,6 +199,14 @@ class GPTLightningModule(pl.LightningModule):
     @property
     def model_args(self) -> dict[str, Any]:
         return asdict(self.model.config)
+
+    def load_init_from(self) -> None:
+        """Copy `model.init_from`'s weights into the model. `fit` does when it starts; a resumed
+        run and `validate` take the checkpoint's weights, and never read the source's."""
+        if self.config.init_from != "scratch":
+            from ml_playground.pretrained import load_into
+
+            load_into(self.model, self.config.init_from, self.hparams["vocab_size"])
 
     def configure_model(self) -> None:
         if self.config.compile and not getattr(self, "_compiled", False):

@@ -9,6 +9,7 @@ the weights are returned under our (nanoGPT's) names.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 HUB_FILES = ["config.json", "model.safetensors"]
 
 
-def _folder(source: str) -> Path | None:
-    """The local folder holding a Hugging Face model for `source`, or None for a file."""
+def _folder(source: str, files: list[str]) -> Path | None:
+    """The local folder holding a Hugging Face model's `files` for `source`, or None for a
+    checkpoint file (a hub id fetches only `files`: the shape needs only config.json)."""
     path = Path(source)
     if path.is_dir():
         return path
@@ -35,7 +37,7 @@ def _folder(source: str) -> Path | None:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(source, allow_patterns=files))
     except LocalEntryNotFoundError:
         raise ConfigError(
             f"{source!r} (model.init_from / sample.ckpt): not in the Hugging Face cache and the hub cannot be "
@@ -90,7 +92,12 @@ def _checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def source_shape(source: str) -> dict[str, Any]:
     """The shape keys of `source` (and `vocab_size`, the rows of its token embedding)."""
-    folder = _folder(source)
+    return dict(_shape(source))
+
+
+@functools.cache
+def _shape(source: str) -> dict[str, Any]:  # read once per process: config, then the module
+    folder = _folder(source, ["config.json"])
     if folder is None:
         args, _ = _checkpoint(Path(source))
         shape = {key: args[key] for key in SHAPE_KEYS if key in args}
@@ -109,7 +116,7 @@ def source_shape(source: str) -> dict[str, Any]:
 
 def source_weights(source: str) -> dict[str, torch.Tensor]:
     """The source's weights under our names (`lm_head.weight` tied to the token embedding)."""
-    folder = _folder(source)
+    folder = _folder(source, HUB_FILES)
     if folder is None:
         return _checkpoint(Path(source))[1]
     from safetensors.torch import load_file
@@ -137,18 +144,22 @@ def build(source: str) -> GPT:
     return model
 
 
-def load_into(model: GPT, source: str, vocab: int) -> None:
-    """Copy `source`'s weights into `model`. The source's token rows must cover the data's
-    `vocab` tokens and fit the model's (padded) table: its tokenizer is the data's."""
-    weights = source_weights(source)
-    rows = weights["transformer.wte.weight"].shape[0]
-    table = model.transformer.wte.weight.shape[0]
-    if not vocab <= rows <= table:
+def check_tokens(source: str, rows: int, vocab: int, model: GPT) -> None:
+    """The source's `rows` token rows must cover the data's `vocab` tokens and fit the model's
+    (padded) table: its tokenizer is the data's."""
+    if not vocab <= rows <= model.transformer.wte.weight.shape[0]:
         raise ConfigError(
             f"model.init_from = {source!r} has {rows} tokens but the dataset (meta.pkl) "
             f"{vocab}: prepare the data with the source's tokenizer (GPT-2: prepare.tokenizer "
             '= "tiktoken:gpt2")'
         )
+
+
+def load_into(model: GPT, source: str, vocab: int) -> None:
+    """Copy `source`'s weights into `model` (see check_tokens)."""
+    weights = source_weights(source)
+    rows = weights["transformer.wte.weight"].shape[0]
+    check_tokens(source, rows, vocab, model)
     state = model.state_dict()
     with torch.no_grad():
         for name, target in state.items():

@@ -346,6 +346,8 @@ def fit(
             lock.acquire()
         if resume is not None and is_launching_process():
             set_aside_later_steps(cfg.checkpointing.dirpath, resume)
+        if resume is None:
+            module.load_init_from()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except BaseException as exc:
         # Ctrl-C: Lightning saves through the callbacks, then calls sys.exit(1); SIGTERM: its
