@@ -6,9 +6,9 @@ is a real process that sets its working directory, environment and argv, sends i
 files and runs the real `ml_playground.cli.main`, as `python -m ml_playground ARGS` would.
 
 Protocol: one JSON request per line on stdin, `{"id", "args", "cwd", "env", "stdout",
-"stderr"}` and optionally "file_size_limit" (RLIMIT_FSIZE, with SIGXFSZ ignored); JSON lines on the file descriptor named by argv[1]: `{"id", "pid"}` when a
-command starts, `{"id", "pid", "code"}` when it ends (code as subprocess reports it: negative
-for a signal). Single-threaded, so forking is safe.
+"stderr", "file_size_limit"}` (RLIMIT_FSIZE with SIGXFSZ ignored, or null); JSON lines on the
+file descriptor named by argv[1]: `{"id", "pid"}` when a command starts, `{"id", "pid",
+"code"}` when it ends (code as subprocess reports it: negative for a signal). Single-threaded, so forking is safe.
 
 DDP ranks start warm too. Lightning's launcher starts ranks 1.. as `sys.executable -m
 ml_playground ARGS`; in the children, `sys.executable` is a small program (written to the
@@ -47,8 +47,9 @@ if sys.argv[1:2] != ["-m"] or sys.argv[2] not in ("ml_playground", "ml_playgroun
 server = socket.socket(socket.AF_UNIX)
 server.connect(address)
 lifeline, keep = os.pipe()
+limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
 request = {{"args": sys.argv[3:], "cwd": os.getcwd(), "env": dict(os.environ),
-           "file_size_limit": list(resource.getrlimit(resource.RLIMIT_FSIZE))}}
+           "file_size_limit": None if limit == resource.RLIM_INFINITY else limit}}
 socket.send_fds(server, [b"r"], [0, 1, 2, lifeline])
 server.sendall(json.dumps(request).encode() + b"\\n")
 os.close(lifeline)
@@ -97,8 +98,7 @@ def child(request: dict, streams: list[int] | None = None) -> None:
     limit = request.get("file_size_limit")  # as a preexec_fn would set it
     if limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write is an OSError (EFBIG)
-        soft, hard = limit if isinstance(limit, list) else (limit, limit)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     # As in a terminal: the caller's runner (uv, a background shell) may ignore SIGINT, and a
     # process inherits that; Python only turns SIGINT into KeyboardInterrupt if it is not.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -70,16 +70,17 @@ def writes_finish_first() -> Iterator[None]:
     disk are the windows the saved state describes (a Ctrl-C between writing a new best file
     and deleting the one it replaces would leave both). SIGTERM needs no such care: Lightning
     only raises it between batches."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield  # signals can only be handled on the main thread; SIGINT ignored: nothing to hold
         return
     held: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: held.append((number, frame)))
+    signal.signal(signal.SIGINT, lambda number, frame: held.append((number, frame)))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if held and callable(previous):
+    if held:
         previous(*held[0])  # Python's default handler raises KeyboardInterrupt here
 
 
@@ -125,11 +126,14 @@ _SCORE = "monitored"  # the monitored value, under a name the `filename` templat
 _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
 
-def _is_number(text: str) -> bool:
+def _file_score(path: Path, metric: str) -> float | None:
+    """The score in a `ckpt_best_*` file's name, if the file ranks `metric` (else None)."""
+    name, _, value = path.stem.split("_", 3)[3].rpartition("=")
     try:
-        return float(text) == float(text)  # not NaN
+        score = float(value)
     except ValueError:
-        return False
+        return None
+    return score if name == metric_slug(metric) and score == score else None  # not NaN
 
 
 def metric_slug(metric: str) -> str:
@@ -262,9 +266,9 @@ class GPTCheckpoint(ModelCheckpoint):
             if self._same_ranking and self.save_top_k > 0:
                 known = len(self.best_k_models)
                 for path in managed_files(folder, "best"):
-                    metric, _, score = path.stem.split("_", 3)[3].rpartition("=")
-                    if metric == metric_slug(str(self.monitor)) and _is_number(score):
-                        self.best_k_models.setdefault(str(path), torch.tensor(float(score)))
+                    score = _file_score(path, str(self.monitor))
+                    if score is not None:
+                        self.best_k_models.setdefault(str(path), torch.tensor(score))
                 self._trim_best(trainer, keep=max(self.save_top_k, known))
         if trainer.global_step == 0:
             self._save_last_checkpoint(trainer, {})
