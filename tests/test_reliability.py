@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from ml_playground import cli
-from ml_playground.checkpoint_writing import AtomicCheckpointIO, writes_finish_first
-from ml_playground.errors import CheckpointError
+from ml_playground.checkpoint_writing import AtomicCheckpointIO
+from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.interrupts import hold_interrupts
 from ml_playground.locking import LOCK_FILENAME, FolderLock
 
 # --------------------------------------------------------------------------- the fit lock
@@ -86,8 +87,10 @@ def test_unreadable_lock_blocks_with_the_way_out(tmp_path: Path) -> None:
 def test_lock_in_an_unusable_folder_is_one_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(CheckpointError, match="is not writable"):
+    with pytest.raises(ConfigError, match="ckpt is below a file"):
         FolderLock(blocker / "ckpt").acquire()
+    with pytest.raises(ConfigError, match="file is a file; give the path of a folder"):
+        FolderLock(blocker).acquire()
 
 
 # --------------------------------------------------------------------------- failed writes
@@ -154,7 +157,7 @@ def test_ctrl_c_during_a_write_and_its_rotation_lands_after_both(tmp_path: Path)
     old.write_bytes(b"old")
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
     try:
-        with pytest.raises(KeyboardInterrupt), writes_finish_first():
+        with pytest.raises(KeyboardInterrupt), hold_interrupts():
             new.write_bytes(b"new")
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)

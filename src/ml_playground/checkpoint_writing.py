@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-import signal
-import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -36,6 +32,7 @@ from ml_playground.checkpoint_reading import (
 )
 from ml_playground.errors import CheckpointError, ConfigError, TrainingError
 from ml_playground.files import atomic_file
+from ml_playground.interrupts import hold_interrupts
 from ml_playground.settings import AnchoredPath, Section
 
 
@@ -62,26 +59,6 @@ class CheckpointingConfig(Section):
 
 
 E = TypeVar("E", bound=BaseException)
-
-
-@contextmanager
-def writes_finish_first() -> Iterator[None]:
-    """Hold a Ctrl-C until a write and the rotation it triggers are both done, so the files on
-    disk are the windows the saved state describes (a Ctrl-C between writing a new best file
-    and deleting the one it replaces would leave both). SIGTERM needs no such care: Lightning
-    only raises it between batches."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield  # signals can only be handled on the main thread; SIGINT ignored: nothing to hold
-        return
-    held: list[tuple[int, Any]] = []
-    signal.signal(signal.SIGINT, lambda number, frame: held.append((number, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        previous(*held[0])  # Python's default handler raises KeyboardInterrupt here
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -305,7 +282,7 @@ class GPTCheckpoint(ModelCheckpoint):
                 f"{', '.join(logged)}"
             )
         written = self.best_model_path
-        with writes_finish_first():
+        with hold_interrupts():
             self._save_topk_checkpoint(trainer, candidates)
             if self.best_model_path != written:  # rotation deletes only right after a write
                 self._trim_best(trainer, keep=self.save_top_k)
@@ -408,7 +385,7 @@ class GPTCheckpoint(ModelCheckpoint):
         before = self.last_k_models, self.last_model_path
         # Set before saving: they are part of the saved state.
         self.last_k_models, self.last_model_path = window[-self.keep_last :], path
-        with writes_finish_first():
+        with hold_interrupts():
             try:
                 self._save_checkpoint(trainer, path)
             except BaseException:  # e.g. a failed write: the windows stay as they were

@@ -37,6 +37,7 @@ from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError
 from ml_playground.files import fsync_dir, write_atomic
+from ml_playground.interrupts import StopBetweenSteps
 from ml_playground.locking import FolderLock
 from ml_playground.module import GPTLightningModule
 from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
@@ -128,8 +129,10 @@ class PlaygroundTrainer(pl.Trainer):
 
         Args:
             ckpt_path: the checkpoint to export: best (the default), last or a checkpoint file
-            output: the folder to write (created; it must not hold files, unless --force)
-            force: replace a folder that already holds files
+            output: the folder to write (created; it must be empty, or hold an earlier export
+                with --force)
+            force: replace a folder an earlier export wrote (one that holds anything else is
+                refused)
         """
         raise NotImplementedError("run `ml-playground export`")
 
@@ -276,6 +279,7 @@ def project_callbacks(
     """The callbacks every run has, beside the checkpoint policy and the user's own."""
     ckpt = cfg.checkpointing
     callbacks: list[pl.Callback] = [
+        StopBetweenSteps(),
         reporting.ReportValidation(),
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
@@ -342,12 +346,12 @@ def fit(
     """Train (or resume training) with the classes LightningCLI built; `lock` is released."""
     try:
         refuse_before_work(trainer, cfg)
+        if resume is None:  # before the lock creates the folder: a broken source leaves none
+            module.load_init_from()
         if is_launching_process() and not lock.held:
             lock.acquire()
         if resume is not None and is_launching_process():
             set_aside_later_steps(cfg.checkpointing.dirpath, resume)
-        if resume is None:
-            module.load_init_from()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except BaseException as exc:
         # Ctrl-C: Lightning saves through the callbacks, then calls sys.exit(1); SIGTERM: its

@@ -131,6 +131,39 @@ def test_interrupt_says_what_holds_the_run_and_resumes(
     assert last_steps(ckpt)[-1] == step + 2
 
 
+SIX_VAL_BATCHES = ("--data.val_batches", "6")  # Lightning checks SIGTERM after each one
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained: Trained, cli, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The checkpoint files of the session's run, with six validation batches."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    cli("fit", *trained.fit_flags(folder), *SIX_VAL_BATCHES, cwd=folder)
+    return sorted(p.name for p in (folder / "ckpt").glob("ckpt_*.pt"))
+
+
+@pytest.mark.parametrize("moment", ["validation", "before_validation"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_at_a_validation_loses_nothing(
+    tmp_path: Path, trained: Trained, cli, uninterrupted: list[str], sig: str, moment: str
+) -> None:
+    """Ctrl-C or SIGTERM while step 20's validation runs, or after step 20 is trained and before
+    its validation starts: the run stops after that validation and its checkpoints, so the
+    resumed run ends with the files of the uninterrupted run (the session's `trained`), the
+    best file's name and score included. A callback added by flag, as a user adds one, sends
+    the signal at that moment (tests/e2e/interrupt_callback.py)."""
+    ckpt = tmp_path / "ckpt"
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    at = ("--trainer.callbacks+=interrupt_callback.SignalAt", "--trainer.callbacks.step=20",
+          f"--trainer.callbacks.signal_name={sig}", f"--trainer.callbacks.moment={moment}")  # fmt: skip
+    stopped = cli("fit", *trained.fit_flags(tmp_path), *at, *SIX_VAL_BATCHES,
+                  "--trainer.max_steps", "30", env=env, cwd=tmp_path, check=False)  # fmt: skip
+    assert stopped.returncode == (143 if sig == "SIGTERM" else 130), stopped.stderr
+    assert "at step 20;" in stopped.stderr and "Traceback" not in stopped.stderr
+    cli("fit", *trained.fit_flags(tmp_path), *SIX_VAL_BATCHES, "--ckpt_path", "last", cwd=tmp_path)
+    assert sorted(p.name for p in ckpt.glob("ckpt_*.pt")) == uninterrupted
+
+
 def test_sample_from_a_nanogpt_checkpoint(tmp_path: Path, make_experiment, cli) -> None:
     """nanoGPT's ckpt.pt (keys model, optimizer, model_args, iter_num, best_val_loss, config)."""
     from ml_playground.model.gpt import GPT, GPTConfig
