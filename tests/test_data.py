@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,46 @@ def test_split_of_exactly_one_window_works(tmp_path: Path) -> None:
     for vx, vy, _ in dm.val_dataloader():
         assert (vx == torch.from_numpy(val[:BLOCK])).all()
         assert (vy == torch.from_numpy(val[1:])).all()
+
+
+def _truncate_train(folder: Path) -> None:
+    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    tokens[: len(tokens) // 2].tofile(folder / "train.bin")  # an even size: whole tokens
+
+
+def _append_to_val(folder: Path) -> None:
+    with open(folder / "val.bin", "ab") as handle:
+        handle.write(b"\0\0")
+
+
+def _swap(folder: Path) -> None:
+    (folder / "train.bin").rename(folder / "swap.bin")
+    (folder / "val.bin").rename(folder / "train.bin")
+    (folder / "swap.bin").rename(folder / "val.bin")
+
+
+def _train_as_uint32(folder: Path) -> None:
+    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    tokens.astype(np.uint32).tofile(folder / "train.bin")
+
+
+@pytest.mark.parametrize(
+    ("change", "file", "says"),
+    [
+        (_truncate_train, "train.bin", "truncated or replaced"),
+        (_append_to_val, "val.bin", "appended to or replaced"),
+        (_swap, "train.bin", "train.bin and val.bin look swapped"),
+        (_train_as_uint32, "train.bin", "as many tokens in uint32: it was written in another"),
+    ],
+)
+def test_token_files_that_meta_pkl_contradicts_are_refused(
+    change: Callable[[Path], None], file: str, says: str, dataset: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "data"
+    shutil.copytree(dataset, folder)
+    change(folder)
+    with pytest.raises(DataError) as info:
+        datamodule(folder)
+    message = str(info.value)
+    assert message.startswith(f"{folder / file}: meta.pkl records "), message
+    assert says in message and "`ml-playground prepare --force`" in message, message

@@ -13,7 +13,7 @@ import tiktoken
 from pydantic import ValidationError
 
 from ml_playground.configuration.loading import packaged_defaults
-from ml_playground.errors import DataError, SamplingError
+from ml_playground.errors import ConfigError, DataError, SamplingError
 from ml_playground.prepare import (
     CharTokenizer,
     PrepareConfig,
@@ -29,6 +29,7 @@ from ml_playground.prepare import (
     tokenizer_from_meta,
     write_bin_and_meta,
 )
+from ml_playground.prepare.artifacts import check_token_counts
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 TIKTOKEN_CACHE = SHAKESPEARE.parents[1] / "tiktoken_cache"
@@ -100,9 +101,15 @@ def test_tiktoken_tokenizer_with_tiny_encoding() -> None:
         tok.decode([1000])
 
 
-def test_unknown_tiktoken_encoding() -> None:
-    with pytest.raises(DataError, match=r"unknown tiktoken encoding 'nope'; prepare\.tokenizer"):
+def test_unknown_tiktoken_encoding_is_a_configuration_error() -> None:
+    known = r"one of tiktoken's encodings \(gpt2, r50k_base, .*cl100k_base.*\) or char"
+    with pytest.raises(ValidationError, match=rf"unknown tiktoken encoding 'nope'; use .*{known}"):
+        settings("c.txt", tokenizer="tiktoken:nope")  # found with the config, nothing built
+    with pytest.raises(ConfigError, match=r"^prepare\.tokenizer: unknown tiktoken encoding 'nope'"):
         TiktokenTokenizer("nope")
+    # From meta.pkl it is the data that is wrong, not a setting.
+    with pytest.raises(DataError, match=r"meta\.pkl names tokenizer 'tiktoken' but no encoding"):
+        tokenizer_from_meta({"vocab_size": 3, "tokenizer": "tiktoken", "encoding": "nope"})
 
 
 def test_prepare_corpus_with_tiny_tiktoken(tmp_path: Path) -> None:
@@ -189,6 +196,21 @@ def test_artifacts_ready_detects_mismatch(tmp_path: Path) -> None:
     assert not artifacts_ready(tmp_path)
     (tmp_path / "val.bin").unlink()
     assert not artifacts_ready(tmp_path)
+
+
+def test_check_token_counts_checks_what_meta_records(tmp_path: Path) -> None:
+    meta = write_bin_and_meta(tmp_path, np.arange(10), np.arange(4), {"vocab_size": 10})
+    check_token_counts(tmp_path, meta)
+    np.arange(8, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 16 bytes: whole tokens
+    with pytest.raises(DataError) as info:
+        check_token_counts(tmp_path, meta)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'train.bin'}: meta.pkl records 10 tokens of uint16 (20 bytes) but the "
+        "file holds 16 bytes (truncated or replaced); rebuild the dataset with "
+        "`ml-playground prepare --force`"
+    )
+    # nanoGPT's meta.pkl records no counts: nothing to hold the sizes against.
+    check_token_counts(tmp_path, {"vocab_size": 10, "dtype": "uint16"})
 
 
 def test_read_meta_refuses_code(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ml_playground import cli
 from ml_playground.checkpoint_writing import AtomicCheckpointIO
-from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.errors import CheckpointError, ConfigError, shorten
 from ml_playground.interrupts import hold_interrupts
 from ml_playground.locking import LOCK_FILENAME, FolderLock
 
@@ -197,3 +197,10 @@ def test_unexpected_os_error_is_one_line(
     assert capsys.readouterr().err == line + "\n"
     with pytest.raises(OSError):
         cli.main(["fit", "--debug"])
+
+
+def test_a_shortened_message_is_cut_at_a_word_and_says_so() -> None:
+    text = "Weights only load failed because the file holds an unsupported operand"
+    assert shorten(text, len(text)) == text
+    assert shorten(text, 30) == "Weights only load failed…"  # not "… failed beca"
+    assert shorten("/a/very/long/path/without/spaces", 10) == "/a/very/l…"  # one long word

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ml_playground.errors import CheckpointError
+from ml_playground.errors import CheckpointError, shorten
 
 FORMAT_VERSION = 1
 SECTION = "ml_playground"  # the project's own part of a Lightning checkpoint
@@ -47,19 +47,45 @@ def checkpoint_step(path: Path) -> int:
 
 
 def find_checkpoint(dirpath: Path, which: str) -> Path:
-    """Resolve `last` / `best` to the file with the highest step, or check a given file."""
+    """Resolve `last` / `best` to the file with the highest step, or check a given file; a
+    file named as ours must hold the step its name says."""
     if which in ("last", "best"):
         files = managed_files(dirpath, which)
         if not files:
+            other = "best" if which == "last" else "last"
+            if managed_files(dirpath, other):
+                hint = f"use --ckpt_path {other} (or sample.ckpt = {other!r})"
+                why = f"checkpointing.keep.{which} may be 0"
+                raise CheckpointError(f"{dirpath}: no ckpt_{which}_* checkpoint ({why}); {hint}")
             raise CheckpointError(
-                f"{dirpath}: no ckpt_{which}_* checkpoint found; train first with "
-                f"`ml-playground fit --config ...`" + (" or use `last`" if which == "best" else "")
+                f"{dirpath}: no checkpoint found; train first with `ml-playground fit --config ...`"
             )
-        return files[-1]
-    path = Path(which)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        path = files[-1]
+    else:
+        path = Path(which)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint file not found")
+    check_named_step(path)
     return path
+
+
+def check_named_step(path: Path) -> None:
+    """A `ckpt_last_*` / `ckpt_best_*` file holds the step its name says. A copied or renamed
+    one would be resumed as the newest while it holds an older step, and the run would then
+    overwrite and rotate away the newer files."""
+    if not (LAST_PATTERN.match(path.name) or BEST_PATTERN.match(path.name)):
+        return
+    named = file_step(path)
+    try:
+        held = checkpoint_step(path)
+    except Exception:  # unreadable: read_checkpoint says why when the file is loaded
+        return
+    if held != named:
+        right = path.name.replace(f"_{named:08d}", f"_{held:08d}", 1)
+        raise CheckpointError(
+            f"{path}: its name says step {named} but it holds step {held} (copied or renamed?); "
+            f"rename it to {right} or move it out of {path.parent}, then run again"
+        )
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -80,10 +106,11 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
                 "needs (read with weights_only=True, so nothing in it ran); use a checkpoint "
                 "from a source you trust"
             ) from None
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        # torch's first sentence says what failed; later ones advise weights_only=False.
+        reason = re.split(r"(?<=\w)\. ", text.splitlines()[0])[0] if text else type(exc).__name__
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or not a checkpoint: {reason[:120]}); "
-            "use another ckpt_last_* / ckpt_best_* file"
+            f"{path}: not a readable checkpoint (truncated or not a checkpoint: "
+            f"{shorten(reason, 120)}); use another ckpt_last_* / ckpt_best_* file"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not an ml-playground checkpoint (not a dict)")

@@ -239,6 +239,19 @@ def parse_only(argv: Sequence[str], env_vars: Sequence[str] = ()) -> ExperimentC
     return PlaygroundCLI(argv, run=False, env_vars=env_vars, instantiate=False).experiment
 
 
+def check_command_first(argv: Sequence[str]) -> None:
+    """`ml-playground --config F fit`: LightningCLI would read the file as a configuration of
+    the commands themselves and blame its sections as unknown keys."""
+    if not argv or argv[0] in commands.COMMANDS or argv[0] in ("-h", "--help"):
+        return
+    command = next((arg for arg in argv if arg in commands.COMMANDS), None)
+    if command is not None and argv[0].startswith("-"):
+        raise ConfigError(
+            f"{argv[0]} comes before the command; put the command first: "
+            f"`ml-playground {command} {argv[0]} ...`"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(commands.DEBUG_ENV, "") not in ("", "0")
@@ -247,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(commands.version())
         return 0
     try:
+        check_command_first(argv)
         PlaygroundCLI(argv)
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
         code = None if debug and not isinstance(exc, SystemExit) else report(exc)

@@ -72,7 +72,13 @@ def sample(cfg: ExperimentConfig) -> None:
     if output is not None and (output.is_dir() or any(p.is_file() for p in output.parents)):
         what = "a folder" if output.is_dir() else "below a file"
         raise ConfigError(f"sample.output = {output} is {what}; give the path of a file to write")
-    path, texts = generate(cfg.sample, cfg.checkpointing.dirpath, cfg.data.dataset_dir)
+    keep = cfg.checkpointing.keep
+    path, texts = generate(
+        cfg.sample,
+        cfg.checkpointing.dirpath,
+        cfg.data.dataset_dir,
+        keeps_none=keep.last == keep.best == 0,
+    )
     print(f"sampling from {path}", file=sys.stderr)
     report = "".join(f"{text}\n{SEPARATOR}\n" for text in texts)
     print(report, end="")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ml_playground.errors import DataError
 from ml_playground.prepare import CharTokenizer, dataset_meta, load_tokens
+from ml_playground.prepare.artifacts import check_token_counts
 from ml_playground.settings import AnchoredPath, Section
 
 ARTIFACTS = ("meta.pkl", "train.bin", "val.bin")
@@ -145,8 +146,11 @@ class GPTDataModule(pl.LightningDataModule):
                 CharTokenizer.from_meta(self.meta)
             except DataError as exc:
                 raise DataError(f"{self.dataset_dir / 'meta.pkl'}: {exc}") from None
-        for split in ("train", "val"):
-            tokens = load_tokens(self.dataset_dir / f"{split}.bin", self.dtype)
+        opened = {
+            s: load_tokens(self.dataset_dir / f"{s}.bin", self.dtype) for s in ("train", "val")
+        }
+        check_token_counts(self.dataset_dir, self.meta)  # from the sizes, before the reads below
+        for split, tokens in opened.items():
             length = len(tokens)
             largest = _largest_id(tokens)
             if largest >= self.vocab_size:

@@ -53,6 +53,18 @@ def describe_os_error(exc: OSError) -> str:
     return f"{text}: {' -> '.join(names)}" if names else text
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters, cut at a word boundary and ended with "…" when
+    cut: a word cut in half reads as another word, and the ellipsis says something is left out."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    head = cut.rsplit(" ", 1)[0]
+    if len(head) < limit // 2:  # one long word (a path, a value): cut inside it
+        head = cut
+    return head.rstrip(" ,;:") + "…"
+
+
 # What gloo raises when a peer process of a distributed run is gone (NCCL raises DistError).
 LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer")
 
@@ -72,7 +84,7 @@ def lost_peer(exc: BaseException) -> str | None:
     if not (isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in LOST_PEER_SIGNS)):
         return None
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())  # gloo's "[source.cc:561] " prefix
-    first = (text.split(". ")[0].splitlines() or [type(exc).__name__])[0][:200]
+    first = shorten((text.split(". ")[0].splitlines() or [type(exc).__name__])[0], 200)
     return (
         f"rank {rank} lost contact with another process of this distributed run ({first}); "
         "that process's own error says why"
@@ -93,7 +105,7 @@ def report(exc: BaseException) -> int | None:
         or type(exc).__name__ == "OutOfMemoryError"
         or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
     ):
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
         line = (
             f"error: out of memory ({first}); lower data.batch_size or data.block_size (fit), "
             "data.val_batches (validation), sample.num_samples (sample), or the model's "

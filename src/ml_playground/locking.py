@@ -10,7 +10,7 @@ from pathlib import Path
 
 from filelock import MarkerSoftFileLock, Timeout
 
-from ml_playground.errors import CheckpointError
+from ml_playground.errors import CheckpointError, ConfigError
 
 LOCK_FILENAME = "fit.lock"
 
@@ -40,6 +40,14 @@ class FolderLock:
                 f"delete {self.path}"
             ) from None
         except OSError as exc:
+            # A file where the folder should be is a wrong setting, not a permission problem.
+            blocker = next((p for p in (self.dir, *self.dir.parents) if p.is_file()), None)
+            if blocker is not None:
+                where = "is a file" if blocker == self.dir else f"is below a file ({blocker})"
+                raise ConfigError(
+                    f"checkpointing.dirpath = {self.dir} {where}; give the path of a folder "
+                    "(an existing one or one to create)"
+                ) from None
             raise CheckpointError(
                 f"checkpointing.dirpath {self.dir} is not writable ({exc.strerror or exc}); "
                 "fix its permissions or choose another folder"

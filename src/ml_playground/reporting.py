@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,12 @@ def report_fit(result: RunResult, cfg: ExperimentConfig) -> None:
     if result.log_dir:
         print(f"logs: {result.log_dir}")
     if result.tensorboard_dir:
-        print(f"tensorboard --logdir {result.tensorboard_dir}")
+        print(tensorboard_hint(result.tensorboard_dir))
+
+
+def tensorboard_hint(log_dir: Path) -> str:
+    """The command that shows the run's logs, quoted so it can be pasted into a shell."""
+    return f"tensorboard --logdir {shlex.quote(str(log_dir))}"
 
 
 def report_validate(result: RunResult) -> None:

@@ -18,7 +18,7 @@ from ml_playground.checkpoint_reading import (
     managed_files,
     read_checkpoint,
 )
-from ml_playground.errors import CheckpointError, SamplingError
+from ml_playground.errors import CheckpointError, SamplingError, shorten
 from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
 from ml_playground.prepare import Tokenizer, read_meta, tokenizer_from_meta
 from ml_playground.settings import (
@@ -99,7 +99,7 @@ def generate_text(
         ids = tokenizer.encode(text)
     except SamplingError as exc:
         where = settings.prompt if settings.prompt.startswith(PROMPT_FILE_PREFIX) else "text"
-        raise SamplingError(f"sample.prompt ({where[:80]}): {exc}") from None
+        raise SamplingError(f"sample.prompt ({shorten(where, 80)}): {exc}") from None
     if not ids:
         raise SamplingError("sample.prompt encodes to no tokens; give a longer prompt")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,10 +160,21 @@ def from_nanogpt(
     return {"state_dict": weights, SECTION: {"model_args": model_args, "meta": meta}}, meta
 
 
-def sample(settings: SampleConfig, dirpath: Path, dataset_dir: Path) -> tuple[Path, list[str]]:
+def sample(
+    settings: SampleConfig, dirpath: Path, dataset_dir: Path, *, keeps_none: bool = False
+) -> tuple[Path, list[str]]:
     """Resolve `sample.ckpt` (in the checkpoint folder `dirpath`), load it, and generate
-    `sample.num_samples` texts; a nanoGPT checkpoint's meta.pkl is read from `dataset_dir`."""
+    `sample.num_samples` texts; a nanoGPT checkpoint's meta.pkl is read from `dataset_dir`.
+    `keeps_none`: checkpointing.keep.last and keep.best are both 0, so `fit` writes none."""
     which = str(settings.ckpt)
+    kept = managed_files(dirpath, "best") or managed_files(dirpath, "last")
+    if which in ("best", "last") and keeps_none and not kept:
+        # "train first" or "use last" would send the user round in circles.
+        raise CheckpointError(
+            f"{dirpath}: no checkpoint to sample from: checkpointing.keep.last and keep.best "
+            "are both 0, so fit wrote none; set one of them to 1 or more and train again, or "
+            "set sample.ckpt to a checkpoint file"
+        )
     if which == "best" and not managed_files(dirpath, "best") and managed_files(dirpath, "last"):
         print(
             f"note: {dirpath} holds no ckpt_best_* (checkpointing.keep.best = 0, or no "

@@ -168,9 +168,10 @@ def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
     if ckpt_path is None:
         existing = managed_files(dirpath, "last") + managed_files(dirpath, "best")
         if any(file_step(path) > 0 for path in existing):  # step 0 alone: nothing trained yet
+            which = "last" if managed_files(dirpath, "last") else "best"
             raise ConfigError(
                 f"{dirpath} already holds checkpoints of an earlier run ({existing[-1].name}); "
-                "resume it with --ckpt_path last, or start afresh with another "
+                f"resume it with --ckpt_path {which}, or start afresh with another "
                 "experiment name / checkpointing.dirpath, or delete that folder"
             )
         return None

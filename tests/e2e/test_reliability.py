@@ -16,9 +16,11 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -384,6 +386,55 @@ def ckpt_path_does_not_exist(ctx: Context) -> Result:
     return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "nope.pt", cwd=folder, check=False)
 
 
+def copied_run(ctx: Context, name: str) -> Path:
+    """A copy of the trained run's checkpoints (last 15 and 20, best 20) in a fresh folder."""
+    folder = ctx.mktemp(name)
+    shutil.copytree(ctx.trained.ckpt, folder / "ckpt")
+    ctx.notes[name] = folder
+    return folder
+
+
+@row(1, "ckpt_last_00000099.pt: its name says step 99 but it holds step 15", "rename it to")
+def last_named_after_a_later_step(ctx: Context) -> Result:
+    """`last` is chosen by name: a copy named as a later step would be resumed from step 15,
+    then overwrite ckpt_last_00000020.pt and rotate files away."""
+    folder = copied_run(ctx, "misnamed_last")
+    shutil.copy(
+        folder / "ckpt" / "ckpt_last_00000015.pt", folder / "ckpt" / "ckpt_last_00000099.pt"
+    )
+    ctx.notes["misnamed_last_files"] = harness.snapshot(folder / "ckpt")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "last", "--trainer.max_steps",
+                   "40", cwd=folder, check=False)  # fmt: skip
+
+
+@row(1, "ckpt_best_00000030_", "its name says step 30 but it holds step 20")
+def misnamed_file_given_as_ckpt_path(ctx: Context) -> Result:
+    folder = copied_run(ctx, "misnamed_file")
+    best = next((folder / "ckpt").glob("ckpt_best_*.pt"))
+    renamed = best.with_name(best.name.replace("_00000020_", "_00000030_"))
+    best.rename(renamed)
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", renamed, cwd=folder, check=False)
+
+
+def only_best_left(ctx: Context, name: str) -> Path:
+    folder = copied_run(ctx, name)
+    for path in (folder / "ckpt").glob("ckpt_last_*.pt"):
+        path.unlink()
+    return folder
+
+
+@row(2, "already holds checkpoints", "resume it with --ckpt_path best")
+def fresh_fit_with_only_best_left(ctx: Context) -> Result:
+    folder = only_best_left(ctx, "only_best_fresh")
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, check=False)
+
+
+@row(1, "no ckpt_last_* checkpoint (checkpointing.keep.last may be 0); use --ckpt_path best")
+def resume_last_with_only_best_left(ctx: Context) -> Result:
+    folder = only_best_left(ctx, "only_best_last")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "last", cwd=folder, check=False)
+
+
 class Planted:
     """Unpickling this runs `open(marker, 'w')`: the code a malicious checkpoint would run."""
 
@@ -484,6 +535,107 @@ def top_k_larger_than_vocabulary(ctx: Context) -> Result:
     )  # fmt: skip
 
 
+# data against meta.pkl, advice ------------------------------------------------------
+
+
+def fit_on_changed_data(ctx: Context, name: str, change: Callable[[Path], None]) -> Result:
+    """`fit` on a copy of the trained run's data after `change(data folder)`."""
+    folder = ctx.notes[name] = ctx.data_copy(name)
+    change(folder / "data")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+def truncate_train_bin(data: Path) -> None:
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
+    tokens[: len(tokens) // 2].tofile(data / "train.bin")  # an even size: whole tokens
+
+
+def swap_train_and_val(data: Path) -> None:
+    (data / "train.bin").rename(data / "swap.bin")
+    (data / "val.bin").rename(data / "train.bin")
+    (data / "swap.bin").rename(data / "val.bin")
+
+
+def rewrite_train_bin_as_uint32(data: Path) -> None:
+    np.fromfile(data / "train.bin", dtype=np.uint16).astype(np.uint32).tofile(data / "train.bin")
+
+
+@row(1, "train.bin: meta.pkl records", "truncated or replaced", "ml-playground prepare --force")
+def truncated_train_bin(ctx: Context) -> Result:
+    return fit_on_changed_data(ctx, "truncated_train_bin", truncate_train_bin)
+
+
+@row(1, "train.bin: meta.pkl records", "look swapped", "ml-playground prepare --force")
+def swapped_train_and_val_bin(ctx: Context) -> Result:
+    return fit_on_changed_data(ctx, "swapped_train_and_val_bin", swap_train_and_val)
+
+
+@row(1, "train.bin: meta.pkl records", "in uint32", "ml-playground prepare --force")
+def train_bin_rewritten_as_uint32(ctx: Context) -> Result:
+    return fit_on_changed_data(ctx, "train_bin_rewritten_as_uint32", rewrite_train_bin_as_uint32)
+
+
+@row(1, "train.bin: meta.pkl records", "truncated or replaced")
+def validate_on_a_truncated_train_bin(ctx: Context) -> Result:
+    folder = ctx.data_copy("validate_truncated")
+    truncate_train_bin(folder / "data")
+    return ctx.cli(
+        "validate", *ctx.fit_flags(folder), "--data.dataset_dir", folder / "data",
+        "--ckpt_path", ctx.trained.ckpt / "ckpt_last_00000020.pt", cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(2, "prepare.tokenizer", "unknown tiktoken encoding 'nope'", "gpt2", "cl100k_base")
+def unknown_tiktoken_encoding(ctx: Context) -> Result:
+    folder = ctx.mktemp("nope_encoding")
+    return ctx.cli(
+        "prepare", "--config", ctx.trained.config, "--prepare.tokenizer", "tiktoken:nope",
+        "--data.dataset_dir", folder / "data", cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(2, "checkpointing.dirpath", "ckpt is a file", "give the path of a folder")
+def checkpoint_dirpath_is_a_file(ctx: Context) -> Result:
+    folder = ctx.mktemp("dirpath_file")
+    (folder / "ckpt").write_text("not a folder", encoding="utf-8")
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, check=False)
+
+
+@row(1, "list.pt: not a readable checkpoint", "a checkpoint: Weights only load failed)")
+def checkpoint_reason_cut_at_its_first_sentence(ctx: Context) -> Result:
+    """torch's reason here is a 300-character paragraph: its first sentence, not 120 chars."""
+    folder = ctx.mktemp("list_pt")
+    (folder / "list.pt").write_bytes(pickle.dumps([1, 2, 3], protocol=0))
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--sample.ckpt", folder / "list.pt",
+        cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(1, "no checkpoint to sample from", "keep.last and keep.best are both 0", "fit wrote none")
+def sample_after_a_fit_that_kept_no_checkpoints(ctx: Context) -> Result:
+    """The folder a `fit` with both keeps 0 leaves: made by its lock, then left empty."""
+    folder = ctx.mktemp("keep_none")
+    (folder / "ckpt").mkdir()
+    return ctx.cli(
+        "sample", "--config", ctx.trained.config, "--checkpointing.dirpath", folder / "ckpt",
+        "--checkpointing.keep.last", "0", "--checkpointing.keep.best", "0", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@job
+def log_dir_with_a_space(ctx: Context) -> Result:
+    folder = ctx.notes["log_dir_with_a_space"] = ctx.mktemp("log_space")
+    return ctx.cli(
+        *("fit", *ctx.fit_flags(folder), "--log_dir", folder / "my logs"),
+        "--trainer.max_steps", "2", cwd=folder,
+    )  # fmt: skip
+
+
 # runtime ----------------------------------------------------------------------------
 
 
@@ -546,6 +698,154 @@ def disk_full_while_writing_a_checkpoint(ctx: Context) -> Result:
     ctx.notes["disk_full"] = folder
     return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.max_steps", "10", cwd=folder,
                    check=False, file_size_limit=60_000)  # fmt: skip
+
+
+# export and init_from (issue "Failures a real user meets", round 3) ----------------------
+
+
+def export_into(ctx: Context, output: Path | str, cwd: Path, *flags: str) -> Result:
+    return ctx.cli(
+        "export", "--config", ctx.trained.config, "--data.dataset_dir", ctx.trained.data,
+        "--checkpointing.dirpath", ctx.trained.ckpt, "--output", output, *flags, cwd=cwd,
+        check=False,
+    )  # fmt: skip
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@row(2, "ckpt holds ckpt_best_00000020_", "which export did not write", "earlier export")
+def export_force_into_a_checkpoint_folder(ctx: Context) -> Result:
+    folder = ctx.notes["export_ckpt"] = ctx.mktemp("export_ckpt")
+    shutil.copytree(ctx.trained.ckpt, folder / "ckpt")
+    return ctx.cli(
+        "export", "--config", ctx.trained.config, "--data.dataset_dir", ctx.trained.data,
+        "--checkpointing.dirpath", folder / "ckpt", "--output", folder / "ckpt", "--force",
+        cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(2, "holds ckpt/ (and 1 more), which export did not write")
+def export_force_into_the_working_folder(ctx: Context) -> Result:
+    """`--output .` from a run's folder: its checkpoints and dataset must survive."""
+    folder = ctx.notes["export_dot"] = ctx.mktemp("export_dot")
+    shutil.copytree(ctx.trained.ckpt, folder / "ckpt")
+    shutil.copytree(ctx.trained.data, folder / "data")
+    ctx.notes["export_dot_before"] = contents(folder)
+    return ctx.cli(
+        "export", "--config", ctx.trained.config, "--data.dataset_dir", "data",
+        "--checkpointing.dirpath", "ckpt", "--output", ".", "--force", cwd=folder, check=False,
+    )  # fmt: skip
+
+
+@row(2, "model.bin is a file", "not even with --force")
+def export_over_a_file(ctx: Context) -> Result:
+    folder = ctx.notes["export_file"] = ctx.mktemp("export_file")
+    (folder / "model.bin").write_bytes(b"my own weights")
+    return export_into(ctx, folder / "model.bin", folder, "--force")
+
+
+@job
+def export_force_over_an_earlier_export(ctx: Context) -> tuple[Result, Result, int]:
+    folder = ctx.mktemp("export_again")
+    ctx.notes["export_again"] = folder / "hf"
+    first = export_into(ctx, folder / "hf", folder)
+    inode = (folder / "hf" / "model.safetensors").stat().st_ino
+    return first, export_into(ctx, folder / "hf", folder, "--force"), inode
+
+
+_EXPORTED = threading.Lock()
+
+
+def broken_source(ctx: Context, name: str, edit: Callable[[Path], Any]) -> Result:
+    """fit with `model.init_from` a copy of the trained run's Hugging Face folder that `edit`
+    broke; `ctx.notes[name]` is the folder, for the check that no checkpoint folder remains."""
+    with _EXPORTED:  # the trained run as a Hugging Face folder, exported once
+        if "hf" not in ctx.notes:
+            hf = ctx.mktemp("exported") / "hf"
+            ctx.cli("export", "--config", ctx.trained.config, "--output", hf, cwd=hf.parent)
+            ctx.notes["hf"] = hf
+    folder = ctx.notes[name] = ctx.mktemp(name)
+    shutil.copytree(ctx.notes["hf"], folder / "hf")
+    edit(folder / "hf")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--model.init_from", folder / "hf", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+def edit_config(**changes: Any) -> Callable[[Path], None]:
+    def edit(hf: Path) -> None:
+        config = json.loads((hf / "config.json").read_text()) | changes
+        config = {key: value for key, value in config.items() if value is not None}
+        (hf / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+@row(1, "hf/model.safetensors holds transformer.wte.weight of shape (50, 16)",
+     "hf/config.json (", "calls for (50, 32)")  # fmt: skip
+def init_from_config_json_disagrees_with_weights(ctx: Context) -> Result:
+    name = "init_from_config_json_disagrees_with_weights"
+    return broken_source(ctx, name, edit_config(n_embd=32))
+
+
+@row(1, "hf/model.safetensors has no transformer.h.1.ln_1.weight", "config.json (n_layer 2")
+def init_from_config_json_with_more_layers(ctx: Context) -> Result:
+    return broken_source(ctx, "init_from_config_json_with_more_layers", edit_config(n_layer=2))
+
+
+@row(1, "hf/config.json: n_embd is missing")
+def init_from_config_json_without_n_embd(ctx: Context) -> Result:
+    return broken_source(ctx, "init_from_config_json_without_n_embd", edit_config(n_embd=None))
+
+
+@row(1, "hf/config.json: not valid JSON")
+def init_from_config_json_not_json(ctx: Context) -> Result:
+    def edit(hf: Path) -> None:
+        (hf / "config.json").write_text('{"n_layer": 1,')
+
+    return broken_source(ctx, "init_from_config_json_not_json", edit)
+
+
+@row(1, "hf/model.safetensors: not readable", "truncated")
+def init_from_truncated_safetensors(ctx: Context) -> Result:
+    def edit(hf: Path) -> None:
+        data = (hf / "model.safetensors").read_bytes()
+        (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    return broken_source(ctx, "init_from_truncated_safetensors", edit)
+
+
+def checkpoint_source(ctx: Context, name: str, nanogpt: bool, **changes: Any) -> Result:
+    """fit with `model.init_from` the trained run's last checkpoint, as nanoGPT's ckpt.pt or
+    as ours, its model_args changed."""
+    folder = ctx.notes[name] = ctx.mktemp(name)
+    checkpoint = torch.load(
+        ctx.trained.ckpt / "ckpt_last_00000020.pt", map_location="cpu", weights_only=True
+    )
+    args = checkpoint["ml_playground"]["model_args"] | changes
+    if nanogpt:
+        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        checkpoint = {"model": weights, "model_args": args, "iter_num": 20, "config": {}}
+    else:
+        checkpoint["ml_playground"]["model_args"] = args
+    torch.save(checkpoint, folder / "source.pt")
+    return ctx.cli(
+        "fit", *ctx.fit_flags(folder), "--model.init_from", folder / "source.pt", cwd=folder,
+        check=False,
+    )  # fmt: skip
+
+
+@row(1, "source.pt holds transformer.wte.weight of shape (50, 16)", "its model_args (")
+def init_from_nanogpt_ckpt_of_another_shape(ctx: Context) -> Result:
+    return checkpoint_source(ctx, "init_from_nanogpt_ckpt_of_another_shape", True, n_embd=32)
+
+
+@row(1, "source.pt has no transformer.h.1.ln_1.weight", "its model_args (n_layer 2")
+def init_from_checkpoint_of_another_shape(ctx: Context) -> Result:
+    return checkpoint_source(ctx, "init_from_checkpoint_of_another_shape", False, n_layer=2)
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
@@ -644,6 +944,12 @@ def test_nan_weights_name_the_file_refused_and_the_good_one_kept(runs: JobPool) 
     assert last_steps(ckpt)[-1] == int(good.stem.rsplit("_", 1)[1]) < step
 
 
+def test_a_misnamed_checkpoint_is_refused_before_anything_changes(runs: JobPool) -> None:
+    runs["last_named_after_a_later_step"]
+    ckpt = runs.context.notes["misnamed_last"] / "ckpt"
+    assert harness.snapshot(ckpt) == runs.context.notes["misnamed_last_files"]
+
+
 def test_disk_full_keeps_earlier_checkpoints_and_no_partial_file(runs: JobPool) -> None:
     runs["disk_full_while_writing_a_checkpoint"]
     ckpt = runs.context.notes["disk_full"] / "ckpt"
@@ -651,7 +957,83 @@ def test_disk_full_keeps_earlier_checkpoints_and_no_partial_file(runs: JobPool) 
     torch.load(ckpt / "ckpt_last_00000000.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.parametrize(
+    "name", ["truncated_train_bin", "swapped_train_and_val_bin", "train_bin_rewritten_as_uint32"]
+)
+def test_data_that_meta_pkl_contradicts_is_refused_before_any_checkpoint(
+    name: str, runs: JobPool
+) -> None:
+    runs[name]
+    folder = runs.context.notes[name]
+    assert not (folder / "ckpt").exists()  # no checkpoint, no lock: a rerun is not blocked
+    assert not (folder / "logs").exists()
+
+
+def test_tensorboard_hint_can_be_pasted_into_a_shell(runs: JobPool) -> None:
+    result = runs["log_dir_with_a_space"]
+    logs = runs.context.notes["log_dir_with_a_space"] / "my logs" / "tiny"
+    hints = [line for line in result.stdout.splitlines() if line.startswith("tensorboard ")]
+    assert [shlex.split(line) for line in hints] == [["tensorboard", "--logdir", str(logs)]]
+
+
+def test_export_force_deletes_and_renames_nothing_it_did_not_write(
+    trained: Trained, runs: JobPool
+) -> None:
+    runs["export_force_into_a_checkpoint_folder"]
+    notes = runs.context.notes
+    assert contents(notes["export_ckpt"] / "ckpt") == contents(trained.ckpt)  # every byte kept
+    runs["export_force_into_the_working_folder"]
+    assert contents(notes["export_dot"]) == notes["export_dot_before"]
+    runs["export_over_a_file"]
+    assert [p.name for p in notes["export_file"].iterdir()] == ["model.bin"]  # not renamed
+    assert (notes["export_file"] / "model.bin").read_bytes() == b"my own weights"
+
+
+def test_export_force_replaces_an_earlier_export(runs: JobPool) -> None:
+    first, again, inode = runs["export_force_over_an_earlier_export"]
+    assert first.returncode == again.returncode == 0, (first.stderr, again.stderr)
+    hf = runs.context.notes["export_again"]
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "char_vocab.json", "config.json", "model.safetensors",
+    ]  # fmt: skip
+    assert (hf / "model.safetensors").stat().st_ino != inode  # written anew
+    assert [p.name for p in hf.parent.iterdir()] == ["hf"]  # no temporary or set-aside folder
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "init_from_config_json_disagrees_with_weights", "init_from_config_json_with_more_layers",
+        "init_from_config_json_without_n_embd", "init_from_config_json_not_json",
+        "init_from_truncated_safetensors", "init_from_nanogpt_ckpt_of_another_shape",
+        "init_from_checkpoint_of_another_shape",
+    ],
+)  # fmt: skip
+def test_a_broken_init_from_source_leaves_no_checkpoint_folder(name: str, runs: JobPool) -> None:
+    runs[name]
+    folder = runs.context.notes[name]
+    assert not (folder / "ckpt").exists()  # an empty one would only confuse the rerun
+    assert not (folder / "logs").exists()
+
+
 # --------------------------------------------------------------------------- kill, lock, resume
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_ctrl_c_during_start_up_is_one_line(trained: Trained, tmp_path: Path, delay: float) -> None:
+    """The console script itself, cold (the test server's processes have Lightning imported
+    already): a Ctrl-C while it imports Lightning and torch or parses ends like one later on."""
+    script = Path(sys.executable).with_name("ml-playground")
+    process = subprocess.Popen(
+        [script, "fit", *trained.fit_flags(tmp_path)], cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1].startswith("ml-playground: interrupted (Ctrl-C)"), stderr
+    assert "Traceback" not in stderr
 
 
 def test_random_sigkills_then_resume_with_lock(

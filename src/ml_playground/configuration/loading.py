@@ -25,7 +25,7 @@ import tomli_w
 from pydantic import BaseModel, ValidationError
 
 from ml_playground.configuration.schema import MANAGED_TRAINER_KEYS, ExperimentConfig
-from ml_playground.errors import ConfigError
+from ml_playground.errors import ConfigError, shorten
 
 TRAIN_OVERRIDES_ENV = "ML_PLAYGROUND_TRAIN_OVERRIDES"
 SAMPLE_OVERRIDES_ENV = "ML_PLAYGROUND_SAMPLE_OVERRIDES"
@@ -62,16 +62,18 @@ def read_toml(path: str) -> dict[str, Any]:
 def read_env(variable: str) -> dict[str, Any] | None:
     """The JSON object in an override variable, or None when it is unset or empty."""
     text = os.environ.get(variable, "").strip()
+    if not text:
+        return None
     try:
-        data = json.loads(text) if text else None
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         problem = f"invalid JSON ({exc.msg} at column {exc.colno})"
     except RecursionError:
         problem = "nested too deeply to be a configuration"
     else:
-        if data is None or isinstance(data, dict):
+        if isinstance(data, dict):
             return data
-        problem = f"got {type(data).__name__}"
+        problem = "got null" if data is None else f"got {type(data).__name__}"
     raise ConfigError(f'{variable}: {problem}; expected a JSON object such as {{"trainer": {{}}}}')
 
 
@@ -88,6 +90,31 @@ def leaves(data: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[tu
     return out
 
 
+def _shape(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        return "an array of tables"
+    return "null" if value is None else f"{_show(value)}, {_kind(value)}"
+
+
+def check_tables(
+    label: str, data: Mapping[str, Any], model: Any = ExperimentConfig, prefix: str = ""
+) -> None:
+    """Every section given is a table. jsonargparse would silently replace an array of tables
+    (`[[model]]`), a null or a plain value in a section's place by the defaults."""
+    for key, value in data.items():
+        info = model.model_fields.get(key)
+        kind = info.annotation if info else None
+        section = isinstance(kind, type) and issubclass(kind, BaseModel)
+        if not section and f"{prefix}{key}" != "trainer":
+            continue  # a setting, or an unknown key (reported by the parser with a hint)
+        if not isinstance(value, Mapping):
+            name, got = f"{prefix}{key}", _shape(value)
+            fix = f": write [{name}] with single brackets" if got == "an array of tables" else ""
+            raise ConfigError(f"{label}: {name}: expected a table ([{name}]), got {got}{fix}")
+        if section:
+            check_tables(label, value, kind, f"{prefix}{key}.")
+
+
 @dataclass
 class Request:
     """The argument list in precedence order, and where each value came from."""
@@ -100,6 +127,7 @@ class Request:
     print_config: bool = False
 
     def record(self, label: str, data: Mapping[str, Any]) -> None:
+        check_tables(label, data)
         self.labels.append(label)
         for key, value in leaves(data):
             self.origins[key] = label
@@ -248,7 +276,7 @@ def describe_parse_error(request: Request, message: str) -> str:
         if "Does not validate against any of the" in text:
             kinds = next((line for line in lines if line.startswith("Subtypes:")), ":")
             text = f"fits none of the accepted types {_classes(kinds.partition(':')[2].strip())}"
-        value = f" = {got[0].strip()[:80]}" if got else ""
+        value = f" = {shorten(got[0].strip(), 80)}" if got else ""
         return f"{request.origin(m[1])}: {m[1]}{value}: {text.strip().rstrip('.:')}"
     if m := re.search(r"required: ([\w.]+)", message):
         return f"{request.origin(m[1])}: {m[1]}: missing (a table may have been given a value)"

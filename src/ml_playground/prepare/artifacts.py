@@ -249,20 +249,44 @@ def _expected_bytes(meta: dict, key: str) -> int | None:
     return count * np.dtype(meta["dtype"]).itemsize
 
 
+def check_token_counts(dataset_dir: Path, meta: dict) -> None:
+    """Each token file's size against the token count and dtype ``meta`` records, from the
+    sizes alone (nothing is read): a truncated file, swapped files or a file rewritten in
+    another dtype would otherwise train. Counts a meta does not record (nanoGPT's) are not
+    checked."""
+    dataset_dir = Path(dataset_dir)
+    splits = ((TRAIN_FILE, "train_tokens"), (VAL_FILE, "val_tokens"))
+    expected = {name: _expected_bytes(meta, key) for name, key in splits}
+    for (name, key), (other, _) in zip(splits, reversed(splits), strict=True):
+        path, want = dataset_dir / name, expected[name]
+        size = path.stat().st_size
+        if want is None or size == want:
+            continue
+        dtype = meta["dtype"]
+        other_dtype = "uint32" if dtype == "uint16" else "uint16"
+        if size == expected[other]:
+            why = f"the size recorded for {other}: {TRAIN_FILE} and {VAL_FILE} look swapped"
+        elif size == meta[key] * np.dtype(other_dtype).itemsize:
+            why = f"as many tokens in {other_dtype}: it was written in another dtype"
+        else:
+            why = "truncated or replaced" if size < want else "appended to or replaced"
+        raise DataError(
+            f"{path}: meta.pkl records {meta[key]:,} tokens of {dtype} ({want:,} bytes) but "
+            f"the file holds {size:,} bytes ({why}); rebuild the dataset with "
+            "`ml-playground prepare --force`"
+        )
+
+
 def artifacts_ready(dataset_dir: Path) -> bool:
     """True when ``train.bin``, ``val.bin`` and a readable ``meta.pkl`` agree with each other."""
     dataset_dir = Path(dataset_dir)
     try:
         meta = read_meta(dataset_dir / META_FILE)
+        if not all((dataset_dir / name).is_file() for name in (TRAIN_FILE, VAL_FILE)):
+            return False
+        check_token_counts(dataset_dir, meta)
     except DataError:
         return False
-    for name, key in ((TRAIN_FILE, "train_tokens"), (VAL_FILE, "val_tokens")):
-        path = dataset_dir / name
-        if not path.is_file():
-            return False
-        expected = _expected_bytes(meta, key)
-        if expected is not None and path.stat().st_size != expected:
-            return False
     return True
 
 

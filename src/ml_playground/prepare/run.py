@@ -20,7 +20,7 @@ from ml_playground.prepare.artifacts import (
 )
 from ml_playground.prepare.download import fetch, is_url
 from ml_playground.prepare.stream import Split, prepare_corpus
-from ml_playground.prepare.tokenizers import TiktokenTokenizer
+from ml_playground.prepare.tokenizers import TiktokenTokenizer, unknown_encoding
 from ml_playground.settings import Section, Source
 
 
@@ -61,6 +61,16 @@ class PrepareConfig(Section):
     num_threads: int = Field(
         description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
     )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        # Checked with the configuration (no download): a typo is a setting to fix, found
+        # before any command works.
+        kind, _, name = value.partition(":")
+        if kind == "tiktoken" and (problem := unknown_encoding(name)):
+            raise ValueError(problem)
+        return value
 
     @field_validator("source_sha256")
     @classmethod

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import tiktoken
 
-from ml_playground.errors import DataError, SamplingError
+from ml_playground.errors import ConfigError, DataError, SamplingError
 
 _EOT = "<|endoftext|>"
 _MAX_LISTED = 10
@@ -121,12 +121,21 @@ class CharTokenizer(Tokenizer):
         return {"itos": dict(enumerate(self._itos)), "stoi": dict(self._stoi)}
 
 
+def unknown_encoding(name: str) -> str | None:
+    """What is wrong with tiktoken encoding ``name`` (None: nothing). Asks tiktoken's registry
+    only, so it costs no download and can run while the configuration is validated."""
+    known = tiktoken.list_encoding_names()
+    if name in known:
+        return None
+    return (
+        f"unknown tiktoken encoding {name!r}; use tiktoken:<encoding> with one of tiktoken's "
+        f"encodings ({', '.join(known)}) or char"
+    )
+
+
 def _get_encoding(name: str) -> tiktoken.Encoding:
-    if name not in tiktoken.list_encoding_names():
-        raise DataError(
-            f"unknown tiktoken encoding {name!r}; prepare.tokenizer takes tiktoken:<encoding> "
-            f"with one of {tiktoken.list_encoding_names()}"
-        )
+    if problem := unknown_encoding(name):
+        raise ConfigError(f"prepare.tokenizer: {problem}")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
@@ -190,9 +199,10 @@ def tokenizer_from_meta(meta: dict) -> Tokenizer:
         return CharTokenizer.from_meta(meta)
     if kind == "tiktoken":
         name = meta.get("encoding")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or unknown_encoding(name):
             raise DataError(
-                f"meta.pkl names tokenizer 'tiktoken' but no encoding (got {name!r}); "
+                f"meta.pkl names tokenizer 'tiktoken' but no encoding tiktoken knows (got "
+                f"{name!r}); "
                 "rebuild it with `ml-playground prepare --force`"
             )
         return _matching_vocab(meta, TiktokenTokenizer(name), f"tiktoken {name!r}")
