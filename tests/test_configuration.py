@@ -41,7 +41,7 @@ def test_defaults_alone_are_a_valid_config() -> None:
     assert cfg.model.n_layer == defaults["model"]["n_layer"]
     assert cfg.checkpointing.keep.last == defaults["checkpointing"]["keep"]["last"]
     # The seed note's access path.
-    assert cfg.runtime.checkpointing.keep.best == defaults["checkpointing"]["keep"]["best"]
+    assert cfg.checkpointing.keep.best == defaults["checkpointing"]["keep"]["best"]
 
 
 def test_shipped_configs_validate(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_load_full_experiment_config_applies_train_overrides(
 ) -> None:
     path = write(tmp_path / "e.toml", "")
     monkeypatch.setenv(TRAIN_OVERRIDES_ENV, '{"checkpointing": {"keep": {"last": 4}}}')
-    assert load_full_experiment_config(path).runtime.checkpointing.keep.last == 4
+    assert load_full_experiment_config(path).checkpointing.keep.last == 4
     assert load_experiment_toml(path).checkpointing.keep.last != 4
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,11 @@ class GPTCheckpoint(ModelCheckpoint):
             super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.FITTING:
             return
+        if getattr(
+            trainer, "fast_dev_run", False
+        ):  # Lightning's smoke test writes no checkpoint, ours neither
+            self.save_top_k, self.save_last, self.keep_last = 0, False, 0
+            return
         folder = Path(str(self.dirpath))
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
@@ -223,10 +229,10 @@ class GPTCheckpoint(ModelCheckpoint):
                 if TMP_PATTERN.match(stale.name):
                     stale.unlink(missing_ok=True)
         if self.keep_last == 0 and self.save_top_k == 0 and trainer.is_global_zero:
-            warnings.warn(
-                "checkpointing.keep.last and keep.best are both 0: no checkpoint is written "
-                "and this run cannot be resumed",
-                stacklevel=1,
+            print(
+                "note: checkpointing.keep.last and keep.best are both 0: no checkpoint is "
+                "written and this run cannot be resumed",
+                file=sys.stderr,
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

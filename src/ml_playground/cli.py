@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +177,8 @@ class PlaygroundCLI(LightningCLI):
 
     def resolve_resume(self, ckpt_path: str | None) -> Path | None:
         """Read under the folder's lock when the folder exists (a fit could rotate it away)."""
-        if training.is_launching_process() and self.experiment.checkpointing.dirpath.is_dir():
+        folder = self.experiment.checkpointing.dirpath
+        if training.is_launching_process() and folder.is_dir() and not self.experiment.dry_run:
             self.lock.acquire()
         return training.resolve_resume(self.experiment, ckpt_path)
 
@@ -188,7 +191,8 @@ class PlaygroundCLI(LightningCLI):
 
     def build(self) -> None:
         """The data module, the module, the checkpoint callback and the Trainer."""
-        super().instantiate_classes()
+        with missing_packages_named():
+            super().instantiate_classes()
         self.checkpoint: GPTCheckpoint = self._get(self.config_init, "checkpointing")
         self.checkpoint.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)
         if self.resume is not None:
@@ -232,6 +236,25 @@ class PlaygroundCLI(LightningCLI):
             commands.export(self.experiment, args.ckpt_path, args.output, args.force)
         if subcommand == "sample" or (subcommand == "loop" and self.trainer.is_global_zero):
             commands.sample(self.sample_experiment)  # sampling is rank 0's job
+
+
+@contextmanager
+def missing_packages_named() -> Iterator[None]:
+    """A callback or logger whose package is not installed (WandbLogger without wandb): one
+    line naming the class and what to install, not jsonargparse's chain of tracebacks."""
+    try:
+        yield
+    except ValueError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ImportError):
+            cause = cause.__cause__ or cause.__context__
+        named = re.search(r"class_path '([\w.]+)'", str(exc))
+        if cause is None or named is None:
+            raise
+        raise ConfigError(
+            f"{named[1]} cannot be used: {str(cause).splitlines()[0]}; install it, or remove "
+            "it from trainer.logger / trainer.callbacks"
+        ) from None
 
 
 def parse_only(argv: Sequence[str], env_vars: Sequence[str] = ()) -> ExperimentConfig:

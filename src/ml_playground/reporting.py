@@ -127,6 +127,8 @@ def report_fit(result: RunResult, cfg: ExperimentConfig) -> None:
         print(f"logs: {result.log_dir}")
     if result.tensorboard_dir:
         print(tensorboard_hint(result.tensorboard_dir))
+    if cfg.dry_run:
+        print("trainer.fast_dev_run: a smoke test; no checkpoint or log was written")
 
 
 def tensorboard_hint(log_dir: Path) -> str:

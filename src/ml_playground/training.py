@@ -165,7 +165,7 @@ def _quiet_lightning() -> None:
 def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
     """`last` / `best` / a file for `fit`; without one, a check that this is a fresh run."""
     dirpath = cfg.checkpointing.dirpath
-    if ckpt_path is None:
+    if ckpt_path is None and not cfg.dry_run:
         existing = managed_files(dirpath, "last") + managed_files(dirpath, "best")
         if any(file_step(path) > 0 for path in existing):  # step 0 alone: nothing trained yet
             which = "last" if managed_files(dirpath, "last") else "best"
@@ -175,7 +175,7 @@ def resolve_resume(cfg: ExperimentConfig, ckpt_path: str | None) -> Path | None:
                 "experiment name / checkpointing.dirpath, or delete that folder"
             )
         return None
-    return find_checkpoint(dirpath, ckpt_path)
+    return None if ckpt_path is None else find_checkpoint(dirpath, ckpt_path)
 
 
 def set_aside_later_steps(dirpath: Path, resume: Path) -> Path | None:
@@ -349,9 +349,9 @@ def fit(
         refuse_before_work(trainer, cfg)
         if resume is None:  # before the lock creates the folder: a broken source leaves none
             module.load_init_from()
-        if is_launching_process() and not lock.held:
+        if is_launching_process() and not lock.held and not cfg.dry_run:
             lock.acquire()
-        if resume is not None and is_launching_process():
+        if resume is not None and is_launching_process() and not cfg.dry_run:
             set_aside_later_steps(cfg.checkpointing.dirpath, resume)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except BaseException as exc:

@@ -215,6 +215,107 @@ def env_wrong_type(ctx: Context) -> Result:
     return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, env=env, check=False)
 
 
+# configuration shapes and LightningCLI habits ----------------------------------------
+
+
+@row(2, "arrays.toml: model: expected a table ([model]), got an array of tables", "[model]")
+def array_of_tables_for_a_section(ctx: Context) -> Result:
+    """Before: jsonargparse replaced the section with the defaults and trained on them."""
+    folder = ctx.mktemp("array_of_tables")
+    (folder / "arrays.toml").write_text("[[model]]\nn_layer = 2\n", encoding="utf-8")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--config", "arrays.toml", cwd=folder,
+                   check=False)  # fmt: skip
+
+
+@row(2, TRAIN_ENV, "checkpointing.keep: expected a table ([checkpointing.keep]), got null")
+def null_section_in_an_override(ctx: Context) -> Result:
+    folder = ctx.mktemp("null_section")
+    env = {TRAIN_ENV: json.dumps({"checkpointing": {"keep": None}})}
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, env=env, check=False)
+
+
+@row(2, TRAIN_ENV, "got null; expected a JSON object")
+def null_override(ctx: Context) -> Result:
+    folder = ctx.mktemp("null_override")
+    return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, env={TRAIN_ENV: "null"}, check=False)
+
+
+@row(2, "--config comes before the command", "ml-playground fit --config")
+def config_before_the_command(ctx: Context) -> Result:
+    folder = ctx.mktemp("config_first")
+    return ctx.cli("--config", ctx.trained.config, "fit", cwd=folder, check=False)
+
+
+@row(2, "callbacks.toml: trainer.callbacks: LearningRateMonitor has no argument "
+     "'logging_intervall' (did you mean logging_interval?)")  # fmt: skip
+def callback_argument_typo(ctx: Context) -> Result:
+    folder = ctx.mktemp("callback_typo")
+    (folder / "callbacks.toml").write_text(
+        '[[trainer.callbacks]]\nclass_path = "LearningRateMonitor"\n'
+        'init_args = { logging_intervall = "step" }\n',
+        encoding="utf-8",
+    )
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--config", "callbacks.toml", cwd=folder,
+                   check=False)  # fmt: skip
+
+
+@row(
+    2,
+    "command line: trainer.logger: CSVLogger has no argument 'save_dirr' (did you mean save_dir?)",
+)
+def logger_argument_typo(ctx: Context) -> Result:
+    folder = ctx.mktemp("logger_typo")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.logger", "CSVLogger",
+                   "--trainer.logger.save_dirr", "csv", cwd=folder, check=False)  # fmt: skip
+
+
+@row(2, "command line: trainer.callbacks: LearningRateMonitor logging_interval = stepp", "'step'")
+def callback_bad_value(ctx: Context) -> Result:
+    folder = ctx.mktemp("callback_value")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.callbacks+=LearningRateMonitor",
+                   "--trainer.callbacks.logging_interval", "stepp", cwd=folder, check=False)  # fmt: skip
+
+
+@row(
+    2,
+    "trainer.callbacks = LearningRateMonitr: no callback class",
+    "did you mean LearningRateMonitor",
+)
+def unknown_callback_name(ctx: Context) -> Result:
+    folder = ctx.mktemp("unknown_callback")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.callbacks+=LearningRateMonitr",
+                   cwd=folder, check=False)  # fmt: skip
+
+
+@row(2, "trainer.logger = TensorBoardLoger: no logger class", "did you mean TensorBoardLogger")
+def unknown_logger_name(ctx: Context) -> Result:
+    folder = ctx.mktemp("unknown_logger")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.logger", "TensorBoardLoger",
+                   cwd=folder, check=False)  # fmt: skip
+
+
+@row(2, "WandbLogger cannot be used", "wandb", "install it")
+def logger_package_not_installed(ctx: Context) -> Result:
+    folder = ctx.mktemp("wandb")
+    ctx.notes["wandb"] = folder
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.logger", "WandbLogger",
+                   cwd=folder, check=False)  # fmt: skip
+
+
+@job
+def fast_dev_run_then_fit(ctx: Context) -> tuple[Result, Result, Result, dict[str, int]]:
+    """Lightning's smoke test writes nothing (before: real checkpoints, so the next fit was
+    refused), also over an earlier run's checkpoints."""
+    folder = ctx.mktemp("fast_dev_run")
+    smoke = ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.fast_dev_run", "true", cwd=folder)
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    real = ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.max_steps", "5", cwd=folder)
+    before = harness.snapshot(folder / "ckpt")
+    again = ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.fast_dev_run", "2", cwd=folder)
+    ctx.notes["fast_dev_run_written"] = written
+    return smoke, real, again, before
+
+
 # data -----------------------------------------------------------------------------
 
 
@@ -942,6 +1043,20 @@ def test_nan_weights_name_the_file_refused_and_the_good_one_kept(runs: JobPool) 
     assert refused == f"ckpt_last_{step:08d}.pt" and not (ckpt / refused).exists()
     assert good.parent == ckpt and good.is_file() and all_finite(good)
     assert last_steps(ckpt)[-1] == int(good.stem.rsplit("_", 1)[1]) < step
+
+
+def test_fast_dev_run_writes_nothing_and_the_next_fit_runs(runs: JobPool) -> None:
+    smoke, real, again, before = runs["fast_dev_run_then_fit"]
+    assert runs.context.notes["fast_dev_run_written"] == []  # no checkpoint, log or lock
+    assert "no checkpoint or log was written" in smoke.stdout + again.stdout
+    assert "ckpt_last_00000005.pt" in real.stdout
+    folder = Path(real.args[real.args.index("--checkpointing.dirpath") + 1])
+    assert harness.snapshot(folder) == before
+
+
+def test_a_logger_that_cannot_be_used_writes_nothing(runs: JobPool) -> None:
+    runs["logger_package_not_installed"]
+    assert list(runs.context.notes["wandb"].iterdir()) == []
 
 
 def test_a_misnamed_checkpoint_is_refused_before_anything_changes(runs: JobPool) -> None:

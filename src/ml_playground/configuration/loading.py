@@ -10,6 +10,7 @@ LightningCLI (`cli.py`) parses. Layers, lowest precedence first: the packaged de
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import json
 import os
@@ -254,8 +255,63 @@ def _classes(text: str) -> str:
     return text.replace("NoneType", NULL)
 
 
+CLASS_MODULES = {  # where LightningCLI finds the short class names of these settings
+    "trainer.callbacks": ("callback", "lightning.pytorch.callbacks"),
+    "trainer.logger": ("logger", "lightning.pytorch.loggers"),
+}
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        names = inspect.signature(cls.__init__).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    return [
+        n
+        for n, p in names.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
+def describe_class_error(request: Request, key: str, message: str) -> str | None:
+    """A callback or logger (`class_path` + `init_args`) that jsonargparse refused: the class,
+    the argument and the value, blamed on the layer that gave them; None if not such an error."""
+    if key not in CLASS_MODULES:
+        return None
+    where, (what, module) = request.origin(key), CLASS_MODULES[key]
+    if m := re.search(r"Problem with given class_path '([\w.]+)':\n(.*?)(?=\n    - |\n  Given|\Z)",
+                      message, re.S):  # fmt: skip
+        class_path, detail = m[1], m[2]
+        short = class_path.rpartition(".")[2]
+        if option := re.search(r"Option '([^']+)' is not accepted", detail):
+            names = _init_arguments(class_path)
+            close = difflib.get_close_matches(option[1], names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; it takes {', '.join(names)}"
+            return f"{where}: {key}: {short} has no argument {option[1]!r}{hint}"
+        if value := re.search(r'Parser key "([^"]+)":.*?Errors:\s*- ([^\n]*).*?Given value: ([^\n]*)',
+                              detail, re.S):  # fmt: skip
+            problem = _classes(value[2]).replace("Expected", "expected")
+            return f"{where}: {key}: {short} {value[1]} = {value[3].strip()}: {problem}"
+    if m := re.search(r"Expected a (?:path but |dot import path string: )([\w.]+)", message):
+        name = m[1]
+        known = getattr(importlib.import_module(module), "__all__", [])
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return (
+            f"{where}: {key} = {name}: no {what} class of that name; {hint}give a class of "
+            f"{module} by its name, or any class by its full import path (package.module.Class)"
+        )
+    return None
+
+
 def describe_parse_error(request: Request, message: str) -> str:
     """jsonargparse's multi-line verdict as one line: `origin: key: problem`."""
+    if (m := re.match(r'\s*Parser key "([^"]+)"', message)) and (
+        line := describe_class_error(request, m[1], message)
+    ):
+        return line
     unknown = (
         r"(?:(?:Group|Key) '([^']+)' )?does not accept (?:nested key|option) '([^']+)'",
         r"()Option '([^']+)' is not accepted",

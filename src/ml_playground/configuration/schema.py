@@ -89,6 +89,7 @@ class ExperimentConfig(Section):
         return self
 
     @property
-    def runtime(self) -> ExperimentConfig:
-        """The runtime part (trainer, checkpointing, logging) as the seed note names it."""
-        return self
+    def dry_run(self) -> bool:
+        """`trainer.fast_dev_run`: Lightning's smoke test, which writes no checkpoint or log; it
+        may run beside a fit in the same folder and over an earlier run's checkpoints."""
+        return self.trainer.get("fast_dev_run") not in (None, False, 0)
