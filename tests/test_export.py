@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from transformers import AutoModelForCausalLM, pipeline
 
 from ml_playground import cli
 from ml_playground.checkpoint_reading import find_checkpoint, load_checkpoint
+from ml_playground.errors import ConfigError
+from ml_playground.export import EXPORT_FILES, check_output
 from ml_playground.sampling import model_from_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -63,20 +66,59 @@ def test_char_run_exports_weights_config_and_its_characters(
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # written atomically
 
 
-def test_export_refuses_a_folder_with_files_unless_forced(
+def test_force_replaces_an_earlier_export_and_nothing_else(
     prepared_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt = fit(prepared_experiment, tmp_path)
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     argv = ["export", "--config", str(prepared_experiment), "--ckpt_path", "last",
             "--checkpointing.dirpath", str(ckpt), "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert {p.name for p in out.iterdir()} <= set(EXPORT_FILES)  # the list --force trusts
+    earlier = (out / "model.safetensors").stat().st_ino
+    capsys.readouterr()
     assert cli.main(argv) == 2
-    assert "pass --force to replace it" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert "holds an earlier export; pass --force to replace it" in capsys.readouterr().err
     assert cli.main([*argv, "--force"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").stat().st_ino != earlier  # replaced
+    (out / "keep.txt").write_text("mine")
+    for flags in ([], ["--force"]):
+        capsys.readouterr()
+        assert cli.main([*argv, *flags]) == 2
+        assert "holds keep.txt, which export did not write" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("layout", "named"),
+    [
+        ({"ckpt_last_00000005.pt": "x", "config.json": "{}"}, "holds ckpt_last_00000005.pt,"),
+        ({".git/HEAD": "ref"}, "holds .git/,"),
+        ({"model.safetensors/x": "a folder of that name"}, "holds model.safetensors/,"),
+        ({"a.txt": "", "b.txt": "", "c.txt": ""}, "holds a.txt (and 2 more),"),
+    ],
+)
+def test_force_refuses_a_folder_an_export_did_not_write(
+    layout: dict[str, str], named: str, tmp_path: Path
+) -> None:
+    for name, text in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        check_output(tmp_path, force=True)
+
+
+def test_a_file_a_link_or_a_path_below_a_file_is_never_an_output(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "hf")
+    cases = {"notes.txt": "is a file", "link": "is a symbolic link", "notes.txt/hf": "below a file"}
+    for name, what in cases.items():
+        with pytest.raises(ConfigError, match=what):
+            check_output(tmp_path / name, force=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    check_output(tmp_path / "hf", force=False)  # an empty folder, or a new one, is fine
+    check_output(tmp_path / "new", force=False)
 
 
 @pytest.mark.skipif(not HAS_GPT2, reason="GPT-2's BPE files are not in the tiktoken cache")
@@ -93,6 +135,7 @@ def test_gpt2_bpe_run_exports_a_folder_pipeline_reads(
                      "--checkpointing.dirpath", str(ckpt), "--output", str(out)]) == 0  # fmt: skip
     for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
         assert (out / name).is_file(), name
+    assert {p.name for p in out.iterdir()} <= set(EXPORT_FILES)  # the list --force trusts
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 8
     same_logits(ckpt, out, 50257)
     generate = pipeline("text-generation", model=str(out))

@@ -4,7 +4,9 @@ logits and the same greedy tokens once loaded here; its shape replaces the confi
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from ml_playground import cli
 from ml_playground.configuration import load_config
+from ml_playground.errors import CheckpointError
 from ml_playground.module import GPTLightningModule
+from ml_playground.pretrained import build
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIKTOKEN_CACHE = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or SHARED / "tiktoken_cache")
@@ -164,3 +168,85 @@ def test_commands_that_build_no_model_from_it_do_not_fetch_the_source(
     code = cli.main(["prepare", "--config", str(prepared_experiment), "--model.init_from",
                      "no-such-owner/no-such-model", "--data.dataset_dir", str(tmp_path / "d")])  # fmt: skip
     assert code == 0 and (tmp_path / "d" / "meta.pkl").is_file()
+
+
+def edit_config(**changes: object) -> Callable[[Path], None]:
+    def edit(hf: Path) -> None:
+        config = json.loads((hf / "config.json").read_text()) | changes
+        config = {key: value for key, value in config.items() if value is not None}
+        (hf / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def truncate(hf: Path) -> None:
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+BROKEN_FOLDERS = {  # what breaks the folder, what the one line says
+    "n_embd_edited": (edit_config(n_embd=64), "model.safetensors holds transformer.wte.weight "
+                      r"of shape \(50257, 32\), but .*config.json \(.*n_embd 64.*\) calls for"),
+    "fewer_layers": (edit_config(n_layer=1), r"holds transformer.h.1.attn.c_attn.bias, which "
+                     r".*config.json \(n_layer 1.*\) has no place for"),
+    "more_layers": (edit_config(n_layer=3), "has no transformer.h.2.ln_1.weight"),
+    "n_positions_edited": (edit_config(n_positions=32), r"wpe.weight of shape \(16, 32\)"),
+    "key_missing": (edit_config(vocab_size=None), "config.json: vocab_size is missing"),
+    "key_not_a_number": (edit_config(n_layer="2"), "config.json: n_layer is '2', not a positive"),
+    "heads_do_not_divide": (edit_config(n_head=5), r"n_embd \(32\) is not a multiple of n_head"),
+    "not_json": (lambda hf: (hf / "config.json").write_text("{"), "config.json: not valid JSON"),
+    "json_list": (lambda hf: (hf / "config.json").write_text("[]"), "holds a JSON list"),
+    "truncated": (truncate, "model.safetensors: not readable .*truncated"),
+    "no_weights": (lambda hf: (hf / "model.safetensors").unlink(), "safetensors: not found"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FOLDERS))
+def test_a_broken_hugging_face_folder_is_a_checkpoint_error(case: str, tmp_path: Path) -> None:
+    """Its config.json edited, damaged or at odds with model.safetensors: refused, naming the
+    file, before a weight is copied (a traceback or, worse, weights loaded half before)."""
+    edit, message = BROKEN_FOLDERS[case]
+    tiny_gpt2(tmp_path / "hf", "gelu_new")
+    edit(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=message):
+        build(str(tmp_path / "hf"))
+
+
+def nanogpt_checkpoint(path: Path, **changes: object) -> dict[str, torch.Tensor]:
+    """A nanoGPT ckpt.pt (old, non-flash layout: causal-mask buffers among the weights) of a
+    GPT whose model_args are then changed by `changes`; its weights."""
+    from ml_playground.model.gpt import GPT, GPTConfig
+
+    args = dict(n_layer=2, n_head=2, n_embd=24, block_size=16, bias=True, vocab_size=50,
+                dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    weights = GPT(GPTConfig(**args)).state_dict()  # type: ignore[arg-type]
+    masks = {f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 16, 16) for i in range(2)}
+    args = {key: value for key, value in (args | changes).items() if value is not None}
+    torch.save({"model": weights | masks, "model_args": args, "iter_num": 1, "config": {}}, path)
+    return weights
+
+
+def test_a_nanogpt_checkpoint_with_mask_buffers_loads(tmp_path: Path) -> None:
+    weights = nanogpt_checkpoint(tmp_path / "ckpt.pt")
+    model = build(str(tmp_path / "ckpt.pt"))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"n_embd": 48}, r"ckpt.pt holds transformer.wte.weight of shape \(50, 24\), but its "
+                         r"model_args \(.*n_embd 48.*\) calls for \(50, 48\)"),
+        ({"n_layer": 1}, "holds transformer.h.1.attn.c_attn.bias, which its model_args"),
+        ({"vocab_size": None}, "ckpt.pt: model_args: vocab_size is missing"),
+        ({"bias": "yes"}, "ckpt.pt: model_args: bias is 'yes'"),
+    ],
+)  # fmt: skip
+def test_a_nanogpt_checkpoint_at_odds_with_its_model_args_is_refused(
+    changes: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    nanogpt_checkpoint(tmp_path / "ckpt.pt", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        build(str(tmp_path / "ckpt.pt"))

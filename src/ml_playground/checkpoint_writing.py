@@ -8,16 +8,13 @@ files, only right after writing one (or, on resume, to finish a rotation a kill 
 
 from __future__ import annotations
 
-import random
 import re
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -26,12 +23,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pydantic import Field
 
 from ml_playground.checkpoint_reading import (
-    FORMAT_VERSION,
-    SECTION,
     TMP_PATTERN,
     managed_files,
 )
-from ml_playground.errors import CheckpointError, ConfigError, TrainingError
+from ml_playground.errors import CheckpointError, ConfigError
 from ml_playground.files import atomic_file
 from ml_playground.interrupts import hold_interrupts
 from ml_playground.settings import AnchoredPath, Section
@@ -119,61 +114,24 @@ def metric_slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
 
 
-@dataclass
-class CheckpointExtras:
-    """What makes a checkpoint self-contained: the resolved config and the tokenizer."""
-
-    config_toml: str
-    meta: dict[str, Any]
-
-
 class GPTCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint with the project's names and `keep` windows.
+    """Lightning's ModelCheckpoint with the project's names, `keep` windows and moments.
 
-    The base class keeps monitor / mode, the best files (`best_k_models`,
-    `kth_best_model_path`, `best_model_path`, `best_model_score`, `current_score`),
-    `last_model_path`, the file names (`format_checkpoint_name` over the `filename` template
-    and `CHECKPOINT_NAME_LAST`), deleting (`_remove_checkpoint`) and its saved state. What
-    differs, member by member:
+    The base keeps monitor and mode, the best files and scores, the names
+    (`format_checkpoint_name`), deleting and its saved state. This class decides:
 
-    - `FILE_EXTENSION`, `CHECKPOINT_NAME_LAST`: the names `ckpt_last_XXXXXXXX.pt` /
-      `ckpt_best_XXXXXXXX_<metric>=<value>.pt`.
-    - `state_key`: fixed; the base's embeds monitor, mode and interval, so changing one of
-      them between runs would silently drop the saved state.
-    - `setup`: also clears temporary files of a process killed mid-write; the base's
-      "folder is not empty" warning is silenced (every resume starts that way).
-    - `on_train_start`: also writes `last` at step 0, before the first step; continuing
-      from the newest `last`, files a kill left outside the saved windows join them, and the
-      `best` rotation the kill cut short is finished.
-    - `on_train_batch_end`: every `every_n_steps` schedules only a `last` file; the base
-      would also rank the previous validation's (stale) metric.
-    - `on_train_batch_start` (a no-op in the base): writes the `last` scheduled at the step
-      before when no validation followed it, and restores the checkpoint's RNG state when the
-      first resumed step starts.
-    - `on_validation_end`: the base's top-k save, then the scheduled `last` of this step, so
-      the file resumed from carries the up-to-date best; the base writes `last` only when a
-      best file was written; a metric never logged is a one-line error.
-    - `on_train_epoch_end`, `on_train_end`: the final `last`, written at epoch end, before
-      EMA copies the averaged weights into the model.
-    - `on_exception`: Ctrl-C / SIGTERM write `last` at the current step (the base writes a
-      top-k file only with `save_on_exception`).
-    - `check_monitor_top_k`: a best file only when the metric improves on the best so far
-      (a finite value), not whenever it enters the top k: the kept files are the newest
-      improvements.
-    - `_monitor_candidates`: the monitored value is rank 0's (train/loss is not synced and
-      writing is collective), also under the name the `filename` template uses.
-    - `_save_checkpoint`: refuses NaN/inf weights before writing.
-    - `_save_last_checkpoint`: `keep.last` files instead of one.
-    - `_should_remove_checkpoint`: the base never deletes the file resumed from; a run that
-      continues from the newest `last` rotates it like any other (a branch point resumed from
-      an older step is the newest once the later files are set aside, and keeps a hard link
-      in `branch_after_<step>/`; a `best` file resumed from is kept).
-    - `_find_last_checkpoints`: `trainer.fit(ckpt_path="last")` takes the highest step.
-    - `state_dict` / `load_state_dict`: also the `last` window and the mode; state of another
-      metric or mode is ignored (its files then stay on disk); paths follow a moved folder, and
-      files no longer there leave the windows (a report never names a missing file).
-    - `on_save_checkpoint` / `on_load_checkpoint`: the project's section (config, tokenizer,
-      model arguments, RNG state).
+    - the names `ckpt_last_XXXXXXXX.pt` / `ckpt_best_XXXXXXXX_<metric>=<value>.pt`, and a
+      fixed `state_key` (the base's embeds monitor, mode and interval: changing one between
+      runs would silently drop the saved state);
+    - when to write: `last` at step 0, every `every_n_steps` (after that step's validation,
+      so the file resumed from carries the up-to-date best), at the end of training and on
+      Ctrl-C / SIGTERM; `best` only when the metric improves on the best so far;
+    - the windows: the newest `keep.last` lasts, the best `keep.best` bests; rotation deletes
+      only right after a write; a run resumed from the newest `last` adopts the files a kill
+      left outside the windows and finishes the rotation it cut short.
+
+    The private ModelCheckpoint members it overrides or calls are pinned by
+    tests/test_checkpointing.py::test_private_model_checkpoint_members_keep_their_signatures.
     """
 
     FILE_EXTENSION = ".pt"
@@ -197,11 +155,8 @@ class GPTCheckpoint(ModelCheckpoint):
         )
         self.keep_last = keep.last
         self.last_k_models: list[str] = []  # the `last` window, oldest first
-        # The resolved config and the tokenizer, set once they are known (before training).
-        self.extras = CheckpointExtras(config_toml="", meta={})
         self._last_step_written = -1
         self._pending_last: int | None = None
-        self._pending_rng: dict[str, Any] | None = None
         self._continued: Path | None = None  # the newest `last`, when resumed from it
         self._same_ranking = False  # the loaded state ranked this metric, in this mode
 
@@ -217,9 +172,7 @@ class GPTCheckpoint(ModelCheckpoint):
             super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.FITTING:
             return
-        if getattr(
-            trainer, "fast_dev_run", False
-        ):  # Lightning's smoke test writes no checkpoint, ours neither
+        if getattr(trainer, "fast_dev_run", False):  # Lightning's smoke test: writes nothing
             self.save_top_k, self.save_last, self.keep_last = 0, False, 0
             return
         folder = Path(str(self.dirpath))
@@ -259,19 +212,12 @@ class GPTCheckpoint(ModelCheckpoint):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending_rng is not None:
-            restore_rng(self._pending_rng)
-            self._pending_rng = None
         self._flush_last(trainer)
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
-    ) -> None:
+    ) -> None:  # fmt: skip
         step = trainer.global_step
         if step % self._every_n_train_steps == 0 and step != self._last_step_written:
             # Deferred: a validation may follow at this step, and best goes before last.
@@ -310,11 +256,8 @@ class GPTCheckpoint(ModelCheckpoint):
     ) -> None:
         # Ctrl-C / SIGTERM: keep the work done so far (at the current step) resumable.
         interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
-        if (
-            interrupted
-            and trainer.state.fn == TrainerFn.FITTING
-            and self._last_step_written != trainer.global_step
-        ):
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if interrupted and fitting and self._last_step_written != trainer.global_step:
             self._save_last_checkpoint(trainer, {})
 
     def state_dict(self) -> dict[str, Any]:
@@ -339,24 +282,6 @@ class GPTCheckpoint(ModelCheckpoint):
         super().load_state_dict({**state_dict, **state, "dirpath": self.dirpath})
         self.last_k_models = [p for p in map(kept, state_dict.get("last_k_models", [])) if p]
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        checkpoint[SECTION] = {
-            "format_version": FORMAT_VERSION,
-            "model_args": dict(getattr(pl_module, "model_args", {})),
-            "config_toml": self.extras.config_toml,
-            "meta": self.extras.meta,
-            "rng": capture_rng(),
-        }
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Applied when the first resumed step starts, after Lightning's own start-up work
-        # (which draws from the generators) is done.
-        self._pending_rng = checkpoint.get(SECTION, {}).get("rng")
-
     # ----------------------------------------------------------------- ModelCheckpoint members
 
     def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
@@ -373,10 +298,6 @@ class GPTCheckpoint(ModelCheckpoint):
             value = trainer.strategy.broadcast(float(candidates[self.monitor]), src=0)
             candidates[self.monitor] = candidates[_SCORE] = torch.tensor(float(value))
         return candidates
-
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        self._refuse_non_finite(trainer, filepath)
-        super()._save_checkpoint(trainer, filepath)
 
     def _save_last_checkpoint(
         self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]
@@ -422,11 +343,8 @@ class GPTCheckpoint(ModelCheckpoint):
         """Keep the `keep` best files of the window and point the base's members at them:
         after a write, when `keep.best` was lowered on resume (the window shrinks as new files
         come), and on resume, for files a kill left."""
-        best_first = sorted(
-            self.best_k_models,
-            key=lambda p: float(self.best_k_models[p]),
-            reverse=self.mode == "max",
-        )
+        score = lambda path: float(self.best_k_models[path])  # noqa: E731
+        best_first = sorted(self.best_k_models, key=score, reverse=self.mode == "max")
         if not best_first:
             return
         self.best_model_path = best_first[0]
@@ -437,48 +355,3 @@ class GPTCheckpoint(ModelCheckpoint):
                 self._remove_checkpoint(trainer, path)
         self.kth_best_model_path = best_first[:keep][-1]
         self.kth_value = self.best_k_models[self.kth_best_model_path]
-
-    def _refuse_non_finite(self, trainer: pl.Trainer, path: str) -> None:
-        """Never write NaN/inf weights over a good window: stop training instead.
-
-        The loss is checked only at log steps (a device sync); the weights are checked here,
-        once per checkpoint write, so no checkpoint between two checks can hold NaN weights.
-        """
-        module = trainer.lightning_module
-        if module is None:
-            return
-        with torch.no_grad():
-            flags = [torch.isfinite(p).all() for p in module.parameters()]
-            finite = not flags or bool(torch.stack(flags).all())  # one device sync
-        if finite:
-            return
-        good = next((p for p in reversed(self.last_k_models) if p != path), "none")
-        raise TrainingError(
-            f"the model weights became NaN or inf by step {trainer.global_step}; "
-            f"{Path(path).name} was not written (last good checkpoint: {good}); lower "
-            "model.learning_rate or set trainer.gradient_clip_val, and resume with "
-            "--ckpt_path last"
-        )
-
-
-def capture_rng() -> dict[str, Any]:
-    """Generator states as plain data and tensors, loadable with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = cast(tuple[Any, ...], np.random.get_state(legacy=True))
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -20,7 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ml_playground import commands, locking, reporting, training
-from ml_playground.checkpoint_writing import CheckpointExtras, GPTCheckpoint
+from ml_playground.checkpoint_writing import GPTCheckpoint
 from ml_playground.configuration.loading import (
     NULL,
     SAMPLE_OVERRIDES_ENV,
@@ -37,7 +37,7 @@ from ml_playground.configuration.loading import (
 from ml_playground.configuration.schema import MANAGED_TRAINER_KEYS, ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError, report
-from ml_playground.module import GPTLightningModule
+from ml_playground.module import CheckpointExtras, GPTLightningModule
 from ml_playground.prepare.run import PrepareConfig
 from ml_playground.sampling import SampleConfig
 from ml_playground.settings import AnchoredPath
@@ -194,7 +194,7 @@ class PlaygroundCLI(LightningCLI):
         with missing_packages_named():
             super().instantiate_classes()
         self.checkpoint: GPTCheckpoint = self._get(self.config_init, "checkpointing")
-        self.checkpoint.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)
+        self.model.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)
         if self.resume is not None:
             training.check_resume(self.resume, self.model, self.datamodule)
 

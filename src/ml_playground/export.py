@@ -28,6 +28,11 @@ GPT2_FILES = {  # tiktoken's own copies of GPT-2's BPE files, as transformers na
     "vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
     "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
 }
+CONFIG, WEIGHTS, TOKENIZER_CONFIG, CHARS = (
+    "config.json", "model.safetensors", "tokenizer_config.json", "char_vocab.json"
+)  # fmt: skip
+# Every name an export writes: --force replaces a folder that holds nothing else.
+EXPORT_FILES = (CONFIG, WEIGHTS, *GPT2_FILES, TOKENIZER_CONFIG, CHARS)
 
 
 def hf_weights(weights: dict[str, torch.Tensor], n_layer: int, vocab: int) -> dict[str, Any]:
@@ -77,11 +82,7 @@ def hf_config(args: dict[str, Any], vocab: int, eot: int | None) -> dict[str, An
 def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: bool) -> Path:
     """Write `output` (atomically: a temporary folder, then a rename); return it."""
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise ConfigError(
-            f"export: {output} exists and is not an empty folder; choose another --output "
-            "or pass --force to replace it"
-        )
+    check_output(output, force)  # before the model is read: a refusal costs nothing
     path, model, tokenizer, meta = load_model(ckpt, dirpath, dataset_dir)
     vocab = tokenizer.vocab_size
     files = tokenizer_files(meta, model.config.block_size)
@@ -92,14 +93,15 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
     work.mkdir()
     try:
         save_file(hf_weights(model.state_dict(), model.config.n_layer, vocab),
-                  str(work / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+                  str(work / WEIGHTS), metadata={"format": "pt"})  # fmt: skip
         config = hf_config(args, vocab, meta.get("eot_token"))
-        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (work / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, content in files.items():
             (work / name).write_bytes(content)
         for child in work.iterdir():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
+        check_output(output, force)  # again: the folder may have changed while we wrote
         if output.exists():
             aside = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(aside)
@@ -112,6 +114,35 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
     return path
 
 
+def check_output(output: Path, force: bool) -> None:
+    """Refuse an --output export may not write: a file, a link, or a folder holding anything
+    but an earlier export's files (--force replaces those alone: pointed at a checkpoint
+    folder, a dataset or a repository, it must not delete them)."""
+    below = any(p.is_file() for p in output.parents)
+    if output.is_symlink() or (output.exists() and not output.is_dir()) or below:
+        what = "below a file" if below else "a symbolic link" if output.is_symlink() else "a file"
+        raise ConfigError(
+            f"export: --output {output} is {what}; give a new or empty folder (export never "
+            "replaces a file or a link, not even with --force)"
+        )
+    entries = sorted(output.iterdir()) if output.is_dir() else []
+    foreign = [
+        p for p in entries if p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file()
+    ]
+    if foreign:
+        first = foreign[0].name + ("/" if foreign[0].is_dir() else "")
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ConfigError(
+            f"export: --output {output} holds {first}{more}, which export did not write; "
+            "--force replaces only a folder of an earlier export: give a new or empty folder"
+        )
+    if entries and not force:
+        raise ConfigError(
+            f"export: --output {output} holds an earlier export; pass --force to replace it "
+            "or choose another --output"
+        )
+
+
 def tokenizer_files(meta: dict[str, Any], context: int) -> dict[str, bytes]:
     """The tokenizer as files beside the weights (read before anything is written)."""
     if meta.get("tokenizer") == "tiktoken" and meta.get("encoding") in ("gpt2", "r50k_base"):
@@ -120,10 +151,10 @@ def tokenizer_files(meta: dict[str, Any], context: int) -> dict[str, bytes]:
         files = {name: read_file_cached(url) for name, url in GPT2_FILES.items()}
         settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context}
         settings |= {key: "<|endoftext|>" for key in ("bos_token", "eos_token", "unk_token")}
-        files["tokenizer_config.json"] = json.dumps(settings, indent=2).encode()
+        files[TOKENIZER_CONFIG] = json.dumps(settings, indent=2).encode()
         return files
     itos = meta.get("itos")
     if isinstance(itos, dict):
         chars = [itos[i] for i in range(len(itos))]
-        return {"char_vocab.json": json.dumps(chars, ensure_ascii=False).encode()}
+        return {CHARS: json.dumps(chars, ensure_ascii=False).encode()}
     return {}

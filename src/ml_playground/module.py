@@ -6,7 +6,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, model_validator
 
+from ml_playground.checkpoint_reading import FORMAT_VERSION, SECTION
 from ml_playground.errors import ConfigError, TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
@@ -171,8 +172,17 @@ def gpt_config(model: ModelConfig, vocab_size: int) -> GPTConfig:
     )
 
 
+@dataclass
+class CheckpointExtras:
+    """What makes a checkpoint self-contained beside the weights: the resolved configuration
+    and the tokenizer (meta.pkl), known once the classes are built."""
+
+    config_toml: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 class GPTLightningModule(pl.LightningModule):
-    """Trains a `GPT`; checkpoint extras (config, tokenizer) are added by the callback."""
+    """Trains a `GPT`; its checkpoints carry the project's section (`on_save_checkpoint`)."""
 
     def __init__(self, vocab_size: int, tokens_per_batch: int, **model: Any) -> None:
         """`model` holds the `[model]` settings (`ModelConfig`); `vocab_size` (from the data's
@@ -195,6 +205,7 @@ class GPTLightningModule(pl.LightningModule):
         )
         self._mark: tuple[int, float] | None = None  # (step, time) of the last log step
         self._peak_flops: float | None = None
+        self.extras = CheckpointExtras()
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -273,6 +284,15 @@ class GPTLightningModule(pl.LightningModule):
         self._val_losses.clear()
         self._val_index.clear()
         self._mark = None  # validation time is not training throughput
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What `sample`, `export` and a resume check read without the run's config or data.
+        checkpoint[SECTION] = {
+            "format_version": FORMAT_VERSION,
+            "model_args": self.model_args,
+            "config_toml": self.extras.config_toml,
+            "meta": self.extras.meta,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before Lightning loads `state_dict`. A checkpoint written with EMA on holds the

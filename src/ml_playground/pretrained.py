@@ -16,13 +16,18 @@ from typing import Any
 
 import torch
 
-from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.errors import CheckpointError, ConfigError, shorten
 from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation")
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MASKS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of nanoGPT / old transformers
 HUB_FILES = ["config.json", "model.safetensors"]
+HF_SIZES = {  # our names -> config.json's
+    "n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
+    "vocab_size": "vocab_size",
+}  # fmt: skip
 
 
 def _folder(source: str, files: list[str]) -> Path | None:
@@ -46,17 +51,28 @@ def _folder(source: str, files: list[str]) -> Path | None:
             "model.safetensors"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
         raise ConfigError(f"{source!r} (model.init_from / sample.ckpt): {first}") from None
 
 
 def _hf_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"model.init_from: {folder}/config.json is not readable ({exc})"
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: not readable ({exc.strerror or exc}); a Hugging Face GPT-2 folder holds "
+            "config.json and model.safetensors"
         ) from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise CheckpointError(
+            f"{path}: not valid JSON ({shorten(str(exc), 120)}); the file is damaged: restore "
+            "the config.json saved with the weights"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{path}: holds a JSON {type(config).__name__}, not an object; the file is damaged"
+        )
     if config.get("model_type") != "gpt2":
         raise ConfigError(
             f"model.init_from: {folder} holds a {config.get('model_type')!r} model; only GPT-2 "
@@ -71,6 +87,25 @@ def _hf_config(folder: Path) -> dict[str, Any]:
     return config | {"activation": activation}
 
 
+def _sizes(where: str, table: dict[str, Any], names: dict[str, str]) -> dict[str, int]:
+    """The model's sizes as the source states them (`names`: ours -> the source's), each a
+    positive integer: a damaged or edited file is refused here, naming the key, rather than
+    as a setting of the user's config (which the source's shape replaces)."""
+    sizes = {}
+    for ours, theirs in names.items():
+        value = table.get(theirs)
+        if type(value) is not int or value < 1:
+            found = f"is {value!r}, not a positive integer" if theirs in table else "is missing"
+            raise CheckpointError(f"{where}: {theirs} {found}; the file is damaged or was edited")
+        sizes[ours] = value
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise CheckpointError(
+            f"{where}: n_embd ({sizes['n_embd']}) is not a multiple of n_head "
+            f"({sizes['n_head']}); the file is damaged or was edited"
+        )
+    return sizes
+
+
 def _checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A nanoGPT or ml-playground checkpoint's model arguments and weights, memory-mapped:
     reading the shape costs no tensor reads, and the weights are copied once, into the model."""
@@ -82,12 +117,20 @@ def _checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     )
 
     raw = read_checkpoint(path, mmap=True)
-    if is_nanogpt_checkpoint(raw):
-        return dict(raw["model_args"]), strip_compile_prefix(raw["model"])
-    checkpoint = checked_checkpoint(path, raw)
-    state = checkpoint["state_dict"]
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return dict(checkpoint[SECTION]["model_args"]), strip_compile_prefix(weights)
+    nanogpt = is_nanogpt_checkpoint(raw)
+    if nanogpt:
+        args, state = raw["model_args"], raw["model"]
+    else:
+        checkpoint = checked_checkpoint(path, raw)
+        args, state = checkpoint[SECTION]["model_args"], checkpoint["state_dict"]
+    if not isinstance(args, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its model_args or weights are not a table; it is damaged")
+    if not nanogpt:
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    weights = {k: v for k, v in strip_compile_prefix(state).items() if not k.endswith(MASKS)}
+    if not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise CheckpointError(f"{path}: its weights are not all tensors; it is damaged")
+    return dict(args), weights
 
 
 def source_shape(source: str) -> dict[str, Any]:
@@ -100,39 +143,84 @@ def _shape(source: str) -> dict[str, Any]:  # read once per process: config, the
     folder = _folder(source, ["config.json"])
     if folder is None:
         args, _ = _checkpoint(Path(source))
-        shape = {key: args[key] for key in SHAPE_KEYS if key in args}
-        return {"activation": "gelu", **shape, "vocab_size": args["vocab_size"]}
+        where = f"{source}: model_args"
+        sizes = _sizes(where, args, {key: key for key in HF_SIZES})
+        shape: dict[str, Any] = {"bias": True, "activation": "gelu"}  # nanoGPT's defaults
+        for key, allowed in (("bias", (True, False)), ("activation", ("gelu", "gelu_tanh"))):
+            shape[key] = args.get(key, shape[key])
+            if shape[key] not in allowed:
+                raise CheckpointError(f"{where}: {key} is {args[key]!r}, not one of {allowed}")
+        return shape | sizes
     config = _hf_config(folder)
-    return {
-        "n_layer": config["n_layer"],
-        "n_head": config["n_head"],
-        "n_embd": config["n_embd"],
-        "block_size": config["n_positions"],
-        "bias": True,  # GPT-2 always has biases
-        "activation": config["activation"],
-        "vocab_size": config["vocab_size"],
-    }
+    sizes = _sizes(str(folder / "config.json"), config, HF_SIZES)
+    return {**sizes, "bias": True, "activation": config["activation"]}  # GPT-2 has biases
 
 
 def source_weights(source: str) -> dict[str, torch.Tensor]:
-    """The source's weights under our names (`lm_head.weight` tied to the token embedding)."""
+    """The source's weights under our names (`lm_head.weight` tied to the token embedding),
+    checked against the shape the source states."""
     folder = _folder(source, HUB_FILES)
     if folder is None:
-        return _checkpoint(Path(source))[1]
+        weights = _checkpoint(Path(source))[1]
+        where, stated, names = source, "its model_args", {key: key for key in HF_SIZES}
+    else:
+        weights = _safetensors(folder / "model.safetensors")
+        where, stated, names = f"{folder}/model.safetensors", f"{folder}/config.json", HF_SIZES
+    shape = source_shape(source)
+    sizes = ", ".join(f"{theirs} {shape[ours]}" for ours, theirs in names.items())
+    _check_shapes(where, f"{stated} ({sizes})", weights, shape)
+    return weights
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: not found; a Hugging Face GPT-2 folder holds config.json and "
+            "model.safetensors"
+        )
     try:
-        loaded = load_file(str(folder / "model.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder}/model.safetensors: not readable ({exc})") from None
+        loaded = load_file(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        first = shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0], 120)
+        raise CheckpointError(
+            f"{path}: not readable ({first}); the file is truncated or damaged: download or "
+            "export it again"
+        ) from None
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in loaded.items():
         name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers of older transformers versions
-        weights[name] = tensor.t() if name.endswith(CONV1D) else tensor
-    weights.setdefault("lm_head.weight", weights["transformer.wte.weight"])
+        if not name.endswith(MASKS):
+            weights[name] = tensor.t() if name.endswith(CONV1D) else tensor
+    if "transformer.wte.weight" in weights:
+        weights.setdefault("lm_head.weight", weights["transformer.wte.weight"])
     return weights
+
+
+def _check_shapes(
+    where: str, stated: str, weights: dict[str, torch.Tensor], shape: dict[str, Any]
+) -> None:
+    """Every weight the stated shape needs, of its size, and no other: a config.json (or
+    model_args) edited or swapped is refused by name before any weight is copied."""
+    config = GPTConfig(dropout=0.0, **{key: shape[key] for key in (*SHAPE_KEYS, "vocab_size")})
+    with torch.device("meta"):  # the sizes alone: nothing is allocated
+        needed = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    for name in [*needed, *sorted(found.keys() - needed.keys())]:
+        if name not in found:
+            problem = f"has no {name}, which {stated} calls for"
+        elif name not in needed:
+            problem = f"holds {name}, which {stated} has no place for"
+        elif found[name] != needed[name]:
+            problem = f"holds {name} of shape {found[name]}, but {stated} calls for {needed[name]}"
+        else:
+            continue
+        raise CheckpointError(
+            f"{where} {problem}: the two do not belong together (a file edited or swapped); "
+            "use the files as they were saved"
+        )
 
 
 def build(source: str) -> GPT:
@@ -156,22 +244,14 @@ def check_tokens(source: str, rows: int, vocab: int, model: GPT) -> None:
 
 
 def load_into(model: GPT, source: str, vocab: int) -> None:
-    """Copy `source`'s weights into `model` (see check_tokens)."""
+    """Copy `source`'s weights into `model`, which has the source's shape (see check_tokens):
+    source_weights checked them against it."""
     weights = source_weights(source)
     rows = weights["transformer.wte.weight"].shape[0]
     check_tokens(source, rows, vocab, model)
-    state = model.state_dict()
     with torch.no_grad():
-        for name, target in state.items():
-            if name not in weights:
-                raise CheckpointError(f"model.init_from = {source!r}: no weights for {name}")
-            value = weights[name]
+        for name, target in model.state_dict().items():
             if name in ("transformer.wte.weight", "lm_head.weight"):
-                target[:rows].copy_(value)
-            elif value.shape != target.shape:
-                raise CheckpointError(
-                    f"model.init_from = {source!r}: {name} is {tuple(value.shape)}, the model "
-                    f"expects {tuple(target.shape)}"
-                )
+                target[:rows].copy_(weights[name])
             else:
-                target.copy_(value)
+                target.copy_(weights[name])

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +32,7 @@ from ml_playground.checkpoint_reading import (
     load_checkpoint,
     managed_files,
 )
-from ml_playground.checkpoint_writing import AtomicCheckpointIO, GPTCheckpoint
+from ml_playground.checkpoint_writing import AtomicCheckpointIO
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError
@@ -41,6 +41,8 @@ from ml_playground.interrupts import StopBetweenSteps
 from ml_playground.locking import FolderLock
 from ml_playground.module import GPTLightningModule
 from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
+from ml_playground.random_state import RandomState
+from ml_playground.weights_guard import FiniteWeights
 
 CONFIG_FILENAME = "config.toml"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -51,14 +53,15 @@ class SaveResolvedConfig(SaveConfigCallback):
     folder; LightningCLI adds it to every Trainer it builds and calls this on rank 0."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        checkpoint = next(c for c in trainer.callbacks if isinstance(c, GPTCheckpoint))  # type: ignore[attr-defined]
         # Rank 0 only: trainer.log_dir would wait in a collective for the other ranks.
         log_dir = getattr(trainer.logger, "log_dir", None)
         if not log_dir:
             return
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / CONFIG_FILENAME, checkpoint.extras.config_toml)
+        write_atomic(
+            folder / CONFIG_FILENAME, cast(GPTLightningModule, pl_module).extras.config_toml
+        )
 
 
 class PlaygroundTrainer(pl.Trainer):
@@ -281,6 +284,8 @@ def project_callbacks(
     ckpt = cfg.checkpointing
     callbacks: list[pl.Callback] = [
         StopBetweenSteps(),
+        RandomState(),
+        FiniteWeights(),
         reporting.ReportValidation(),
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
