@@ -777,7 +777,7 @@ def loss_becomes_nan(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(1, "weights became NaN or inf by step", "was not written", "last good checkpoint: ")
+@row(1, "weights became NaN or inf by step", "no checkpoint of step", "last good checkpoint: ")
 def weights_become_nan_between_log_steps(ctx: Context) -> Result:
     """The loss is checked only every log_every_n_steps; a checkpoint in between is refused.
     The step at which float32 overflows depends on the CPU (AVX-512 or not): the test reads it
