@@ -68,7 +68,6 @@ class PlaygroundCLI(LightningCLI):
                 GPTDataModule,
                 save_config_callback=training.SaveResolvedConfig,
                 save_config_kwargs={"save_to_log_dir": False},
-                trainer_class=training.PlaygroundTrainer,
                 parser_kwargs={"parser_mode": "toml", "exit_on_error": False, **commands.HELP},
                 args=list(args) if args is not None else None,
                 run=run,
@@ -80,12 +79,23 @@ class PlaygroundCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Each command, and the arguments of its Trainer method that are not options."""
-        skip: dict[str, set[str]] = {name: set() for name in commands.COMMANDS}
-        common = {"model", "datamodule", "weights_only"}
-        skip["fit"] = skip["train"] = {"train_dataloaders", "val_dataloaders", *common}
-        skip["validate"] = {"dataloaders", "verbose", *common}
-        return skip
+        """The commands of `commands.COMMANDS` (LightningCLI splits parser_kwargs by them)."""
+        return {name: set() for name in commands.COMMANDS}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """One subcommand per entry of `commands.COMMANDS`: its function's parameters (after
+        `app`) are its options, the first line of its docstring its help. (LightningCLI's own
+        takes them from Trainer methods of the same names.)"""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        for name, command in commands.COMMANDS.items():
+            description = (command.run.__doc__ or "").strip().splitlines()[0]
+            sub = self.init_parser(**{"description": description, **kwargs.get(name, {})})
+            self._add_arguments(sub)
+            options = sub.add_function_arguments(command.run, as_group=False, skip={"app"})
+            self._subcommand_method_arguments[name] = options
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=description)
 
     # ----------------------------------------------------------------- the parser
 
@@ -121,9 +131,11 @@ class PlaygroundCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = list(sys.argv[1:] if args is None else args)
-        named = hasattr(self, "_subcommand_parsers") and argv[:1] and argv[0] in commands.ENV_OF
+        named = hasattr(self, "_subcommand_parsers") and argv[:1] and argv[0] in commands.COMMANDS
         command = argv[0] if named else None
-        env = commands.ENV_OF.get(command or "", []) if self.env_vars is None else self.env_vars
+        env = self.env_vars
+        if env is None:
+            env = commands.COMMANDS[command].overrides if command else ()
         self.request = arrange(argv, command, env)
         self.config = self._parse(parser, self.request)
         self.experiment = self.sample_experiment = self._validate(self.request, self.config)
@@ -164,39 +176,31 @@ class PlaygroundCLI(LightningCLI):
 
     # ----------------------------------------------------------------- building the run
 
-    def before_instantiate_classes(self) -> None:
-        self.resume: Path | None = None
-        if self.request.print_config or self.subcommand not in ("fit", "train", "validate"):
-            return
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if self.subcommand == "validate":
-            dirpath = self.experiment.checkpointing.dirpath
-            self.resume = training.find_checkpoint(dirpath, ckpt_path or "best")
-        else:
-            self.resume = self.resolve_resume(ckpt_path)
+    def instantiate_classes(self) -> None:
+        """Built by the commands that need them (`build`); `PlaygroundCLI(args, run=False)`,
+        the Python API, builds them at once."""
+        if self.instantiate and self.subcommand is None and not self.request.print_config:
+            self.build(None)
 
-    def resolve_resume(self, ckpt_path: str | None) -> Path | None:
-        """Read under the folder's lock when the folder exists (a fit could rotate it away)."""
+    def resume_from(self, ckpt_path: str | None, default: str | None = None) -> Path | None:
+        """The checkpoint `--ckpt_path` names (`default` without one: `validate`'s best). For
+        `fit`, read under the folder's lock when the folder exists (a fit could rotate it)."""
         folder = self.experiment.checkpointing.dirpath
-        if training.is_launching_process() and folder.is_dir() and not self.experiment.dry_run:
+        if default is not None:
+            return training.find_checkpoint(folder, ckpt_path or default)
+        launching = training.is_launching_process()
+        if launching and folder.is_dir() and not self.experiment.dry_run:
             self.lock.acquire()
         return training.resolve_resume(self.experiment, ckpt_path)
 
-    def instantiate_classes(self) -> None:
-        later = (
-            self.subcommand in ("prepare", "sample", "loop", "export") or self.request.print_config
-        )
-        if self.instantiate and not later:
-            self.build()
-
-    def build(self) -> None:
+    def build(self, resume: Path | None) -> tuple[Trainer, GPTLightningModule, GPTDataModule]:
         """The data module, the module, the checkpoint callback and the Trainer."""
         with missing_packages_named():
             super().instantiate_classes()
-        self.checkpoint: GPTCheckpoint = self._get(self.config_init, "checkpointing")
         self.model.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)
-        if self.resume is not None:
-            training.check_resume(self.resume, self.model, self.datamodule)
+        if resume is not None:
+            training.check_resume(resume, self.model, self.datamodule)
+        return self.trainer, self.model, self.datamodule
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self._get(self.config_init, "trainer")
@@ -211,9 +215,6 @@ class PlaygroundCLI(LightningCLI):
         with training.refused_trainer_values():
             return super().instantiate_trainer(**kwargs)
 
-    def parts(self) -> tuple[Trainer, GPTLightningModule, GPTDataModule, ExperimentConfig]:
-        return self.trainer, self.model, self.datamodule, self.experiment
-
     # ----------------------------------------------------------------- the commands
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -221,21 +222,8 @@ class PlaygroundCLI(LightningCLI):
             print(self.resolved_toml(), end="")
             return
         args = self.config[subcommand]
-        if subcommand in ("prepare", "loop"):
-            commands.prepare(self.experiment, force=args.force)
-        if subcommand == "loop":
-            self.resume = self.resolve_resume(args.ckpt_path)
-            self.build()
-        if subcommand in ("fit", "train", "loop"):
-            self.result = training.fit(*self.parts(), self.resume, self.lock)
-            reporting.report_fit(self.result, self.experiment)
-        elif subcommand == "validate" and self.resume is not None:
-            self.result = training.validate(*self.parts(), self.resume)
-            reporting.report_validate(self.result)
-        if subcommand == "export":
-            commands.export(self.experiment, args.ckpt_path, args.output, args.force)
-        if subcommand == "sample" or (subcommand == "loop" and self.trainer.is_global_zero):
-            commands.sample(self.sample_experiment)  # sampling is rank 0's job
+        options = {key: args[key] for key in self._subcommand_method_arguments[subcommand]}
+        commands.COMMANDS[subcommand].run(self, **options)
 
 
 @contextmanager

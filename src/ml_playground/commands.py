@@ -1,34 +1,132 @@
-"""What each command does once the configuration is parsed and validated, and what it prints."""
+"""The commands, declared once: each is a function whose signature (after `app`) and docstring
+are its options and help; `COMMANDS` maps each name to it and to the override variables it
+reads. `cli.PlaygroundCLI` builds a LightningCLI subcommand from each and calls it."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ml_playground import reporting
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.errors import ConfigError
 from ml_playground.files import write_atomic
 from ml_playground.reporting import SEPARATOR
 
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from ml_playground.data import GPTDataModule
+    from ml_playground.locking import FolderLock
+    from ml_playground.module import GPTLightningModule
+
 DEBUG_ENV = "ML_PLAYGROUND_DEBUG"
-COMMANDS = (
-    "prepare",
-    "fit",
-    "train",
-    "validate",
-    "sample",
-    "loop",
-    "export",
-)  # their help: the Trainer's
-ENV_OF = {  # the override variables each command reads
-    "prepare": [],
-    "fit": [TRAIN_OVERRIDES_ENV],
-    "train": [TRAIN_OVERRIDES_ENV],
-    "validate": [TRAIN_OVERRIDES_ENV],
-    "sample": [SAMPLE_OVERRIDES_ENV],
-    "loop": [TRAIN_OVERRIDES_ENV],
-    "export": [],
+
+
+class App(Protocol):
+    """What a command gets from the command line (`cli.PlaygroundCLI`): the validated
+    experiment and, on demand, the Lightning classes built from it."""
+
+    experiment: ExperimentConfig
+    sample_experiment: ExperimentConfig  # with the sample overrides too (loop)
+    lock: FolderLock
+    result: reporting.RunResult | None
+
+    def resume_from(self, ckpt_path: str | None, default: str | None = None) -> Path | None: ...
+
+    def build(
+        self, resume: Path | None
+    ) -> tuple[pl.Trainer, GPTLightningModule, GPTDataModule]: ...
+
+
+def prepare(app: App, force: bool = False) -> None:
+    """Download or read the corpus and write train.bin, val.bin and meta.pkl.
+
+    Args:
+        force: prepare again even if the artifacts exist
+    """
+    prepare_dataset(app.experiment, force)
+
+
+def fit(app: App, ckpt_path: str | None = None) -> None:
+    """Train a GPT; resume with --ckpt_path.
+
+    Args:
+        ckpt_path: checkpoint to resume from: last, best or a checkpoint file
+    """
+    from ml_playground import training
+
+    resume = app.resume_from(ckpt_path)
+    trainer, module, data = app.build(resume)
+    app.result = training.fit(trainer, module, data, app.experiment, resume, app.lock)
+    reporting.report_fit(app.result, app.experiment)
+
+
+def validate(app: App, ckpt_path: str | None = None) -> None:
+    """Evaluate a checkpoint on the fixed validation windows.
+
+    Args:
+        ckpt_path: the checkpoint to evaluate: best (the default), last or a checkpoint file
+    """
+    from ml_playground import training
+
+    path = app.resume_from(ckpt_path, default="best")
+    assert path is not None
+    trainer, module, data = app.build(path)
+    app.result = training.validate(trainer, module, data, app.experiment, path)
+    reporting.report_validate(app.result)
+
+
+def sample(app: App) -> None:
+    """Generate text from the checkpoint named by sample.ckpt."""
+    sample_text(app.sample_experiment)
+
+
+def loop(app: App, ckpt_path: str | None = None, force: bool = False) -> None:
+    """Prepare (skipped when done), fit, then sample.
+
+    Args:
+        ckpt_path: checkpoint to resume from: last, best or a file
+        force: prepare again even if the artifacts exist
+    """
+    prepare(app, force)
+    fit(app, ckpt_path)
+    if app.result is not None and app.result.is_global_zero:
+        sample(app)  # sampling is rank 0's job
+
+
+def export(app: App, ckpt_path: str = "best", output: str = "", force: bool = False) -> None:
+    """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors and
+    the tokenizer files), for transformers and the tools that read that layout.
+
+    Args:
+        ckpt_path: the checkpoint to export: best (the default), last or a checkpoint file
+        output: the folder to write (created; it must be empty, or hold an earlier export
+            with --force)
+        force: replace a folder an earlier export wrote (one that holds anything else is
+            refused)
+    """
+    export_folder(app.experiment, ckpt_path, output, force)
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[..., None]
+    overrides: tuple[str, ...] = ()  # the override variables it reads
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(prepare),
+    "fit": Command(fit, (TRAIN_OVERRIDES_ENV,)),
+    "train": Command(fit, (TRAIN_OVERRIDES_ENV,)),  # the same as fit
+    "validate": Command(validate, (TRAIN_OVERRIDES_ENV,)),
+    "sample": Command(sample, (SAMPLE_OVERRIDES_ENV,)),
+    "loop": Command(loop, (TRAIN_OVERRIDES_ENV,)),  # and the sample overrides for its sampling
+    "export": Command(export),
 }
 EPILOG = (
     f"Settings come from, lowest first: the packaged defaults, each --config file, the JSON "
@@ -36,7 +134,7 @@ EPILOG = (
     f"(sample, loop), then the flags. --print_config shows the result as TOML; --debug (or "
     f"{DEBUG_ENV}=1) shows tracebacks."
 )
-HELP = {  # LightningCLI's parser_kwargs: the main parser's, then each command's
+HELP: dict[str, Any] = {  # LightningCLI's parser_kwargs: the main parser's, then each command's
     "prog": "ml-playground",
     "description": "nanoGPT's prepare -> fit -> sample as a Lightning app, configured by TOML. "
     "`ml-playground COMMAND --help` lists every setting.",
@@ -45,7 +143,10 @@ HELP = {  # LightningCLI's parser_kwargs: the main parser's, then each command's
 }
 
 
-def prepare(cfg: ExperimentConfig, force: bool) -> None:
+# ----------------------------------------------------------------- what the commands do
+
+
+def prepare_dataset(cfg: ExperimentConfig, force: bool) -> None:
     from ml_playground.prepare import run_prepare
 
     did_work, meta = run_prepare(
@@ -65,7 +166,7 @@ def prepare(cfg: ExperimentConfig, force: bool) -> None:
         print(f"prepare: {where} is already prepared; skipped (--force prepares again)")
 
 
-def sample(cfg: ExperimentConfig) -> None:
+def sample_text(cfg: ExperimentConfig) -> None:
     from ml_playground.sampling import sample as generate
 
     output = Path(cfg.sample.output) if cfg.sample.output else None
@@ -89,7 +190,7 @@ def sample(cfg: ExperimentConfig) -> None:
         print(f"samples written to {output}", file=sys.stderr)
 
 
-def export(cfg: ExperimentConfig, ckpt_path: str, output: str, force: bool) -> None:
+def export_folder(cfg: ExperimentConfig, ckpt_path: str, output: str, force: bool) -> None:
     from ml_playground.export import export as write
 
     if not output:
