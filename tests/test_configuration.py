@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -326,3 +327,29 @@ def test_schema_has_no_defaults_of_its_own() -> None:
                 walk(annotation)
 
     walk(ExperimentConfig)
+
+
+def test_parsing_changes_nothing_in_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a configuration seeds no generator, sets no environment variable (Lightning's
+    PL_GLOBAL_SEED), adds no warning filter and changes no matmul precision; a hub id in
+    model.init_from is not fetched (HF_HUB_OFFLINE: a fetch would fail)."""
+    import warnings
+
+    import torch
+
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        'seed_everything = 123\n[model]\ninit_from = "someone/not-cached-gpt2"\n', encoding="utf-8"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    torch.manual_seed(5)
+    rng, environ = torch.get_rng_state(), dict(os.environ)
+    filters, precision = list(warnings.filters), torch.get_float32_matmul_precision()
+    cfg = load_experiment_toml(path)
+    assert cfg.seed_everything == 123 and cfg.model.init_from == "someone/not-cached-gpt2"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert dict(os.environ) == environ
+    assert warnings.filters == filters and torch.get_float32_matmul_precision() == precision

@@ -16,8 +16,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ml_playground import cli
 from ml_playground.configuration import load_config
 from ml_playground.errors import CheckpointError
-from ml_playground.module import GPTLightningModule
-from ml_playground.pretrained import build
+from ml_playground.module import GPTLightningModule, ModelConfig
+from ml_playground.pretrained import build, with_source_shape
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIKTOKEN_CACHE = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or SHARED / "tiktoken_cache")
@@ -42,10 +42,11 @@ def test_init_from_a_hugging_face_folder_matches_transformers(
     cfg = load_config(flags=[("model.init_from", str(tmp_path / "hf")),
                              ("model.vocab_multiple_of", "64"), ("model.n_layer", "7"),
                              ("data.block_size", "16")])  # fmt: skip
-    shape = cfg.model
+    assert cfg.model.n_layer == 7  # parsing reads nothing from the source
+    shape = ModelConfig(**with_source_shape(cfg.model_dump())["model"])  # as fit's command does
     assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (2, 4, 32, 16)
     assert shape.bias is True and shape.activation == ours  # the source's, not the config's
-    module = GPTLightningModule(50257, 64, **cfg.model.model_dump()).eval()
+    module = GPTLightningModule(50257, 64, **shape.model_dump()).eval()
     module.load_init_from()  # as fit does when it starts
     assert module.model.config.vocab_size == 50304  # padded; the extra rows are never sampled
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -39,11 +39,13 @@ from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError, report
 from ml_playground.module import CheckpointExtras, GPTLightningModule
 from ml_playground.prepare.run import PrepareConfig
+from ml_playground.pretrained import with_source_shape
 from ml_playground.sampling import SampleConfig
 from ml_playground.settings import AnchoredPath
 
 SECTIONS = list(ExperimentConfig.model_fields)
 LINK_TARGETS = ("data.seed", "model.tokens_per_batch")  # computed, not settings
+BUILDS_MODEL = ("fit", "train", "validate", "loop")  # the commands that read model.init_from
 set_dumper("toml", dump_toml)
 
 
@@ -61,7 +63,6 @@ class PlaygroundCLI(LightningCLI):
         self.env_vars, self.instantiate = env_vars, instantiate
         self.result: reporting.RunResult | None = None
         self.lock = locking.FolderLock(Path())  # the checkpoint folder's, once it is known
-        training.prepare_runtime()
         try:
             super().__init__(
                 GPTLightningModule,
@@ -158,7 +159,10 @@ class PlaygroundCLI(LightningCLI):
         data = ns.clone()
         for key in LINK_TARGETS:
             data.pop(key, None)
-        experiment = validate(request, {k: v for k, v in data.as_dict().items() if k in SECTIONS})
+        sections = {k: v for k, v in data.as_dict().items() if k in SECTIONS}
+        if request.command in BUILDS_MODEL:  # the source's shape replaces the config's
+            sections = with_source_shape(sections)
+        experiment = validate(request, sections)
         # The classes get, and the config saved shows, the validated values (absolute paths).
         for key, value in leaves(experiment.model_dump(exclude={"trainer"})):
             ns[key] = value
@@ -170,6 +174,9 @@ class PlaygroundCLI(LightningCLI):
         dump = self._parser(self.subcommand).dump
         text = dump(ns, format="json", skip_none=False, skip_validation=True)
         return dump_toml({k: data[k] for data in [json.loads(text)] for k in SECTIONS if k in data})
+
+    def _set_seed(self) -> None:
+        """Not at parse time (LightningCLI's): `build` seeds, so parsing changes nothing."""
 
     def _parse_ckpt_path(self) -> None:
         """Not LightningCLI's: a checkpoint's saved hyperparameters never override the config."""
@@ -194,7 +201,10 @@ class PlaygroundCLI(LightningCLI):
         return training.resolve_resume(self.experiment, ckpt_path)
 
     def build(self, resume: Path | None) -> tuple[Trainer, GPTLightningModule, GPTDataModule]:
-        """The data module, the module, the checkpoint callback and the Trainer."""
+        """The data module, the module, the checkpoint callback and the Trainer; the process's
+        seed and settings are set here, not while parsing."""
+        training.prepare_runtime()
+        super()._set_seed()
         with missing_packages_named():
             super().instantiate_classes()
         self.model.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)

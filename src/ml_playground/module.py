@@ -12,7 +12,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, model_validator
 
 from ml_playground.checkpoint_reading import FORMAT_VERSION, SECTION
 from ml_playground.errors import ConfigError, TrainingError
@@ -20,8 +20,6 @@ from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
 from ml_playground.monitoring import completed_step
 from ml_playground.settings import Pretrained, Section
-
-SOURCELESS = ("prepare", "sample", "export")  # commands that never read model.init_from
 
 
 class ModelConfig(Section):
@@ -79,20 +77,6 @@ class ModelConfig(Section):
         ge=0.0,
         lt=1.0,
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shape_of_the_source(cls, data: Any, info: ValidationInfo) -> Any:
-        """With `init_from`, the shape is the source's (as in nanoGPT). Commands that build no
-        model from it (prepare, sample, export) do not fetch it."""
-        source = data.get("init_from") if isinstance(data, dict) else None
-        command = (info.context or {}).get("command")
-        if not isinstance(source, str) or source == "scratch" or command in SOURCELESS:
-            return data
-        from ml_playground.pretrained import SHAPE_KEYS, source_shape
-
-        shape = source_shape(source)
-        return {**data, **{key: shape[key] for key in SHAPE_KEYS}}
 
     @model_validator(mode="after")
     def _check_shape_and_schedule(self) -> ModelConfig:

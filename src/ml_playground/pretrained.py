@@ -133,6 +133,18 @@ def _checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return dict(args), weights
 
 
+def with_source_shape(sections: dict[str, Any]) -> dict[str, Any]:
+    """The experiment's sections with `model.init_from`'s shape in place of the config's, as
+    nanoGPT's init_from does (a hub id's config.json is fetched: only commands that build the
+    model call this, never the parsing)."""
+    model: Any = sections.get("model")
+    source = model.get("init_from") if isinstance(model, dict) else None
+    if not isinstance(source, str) or source == "scratch":
+        return sections
+    shape = source_shape(source)
+    return {**sections, "model": {**model, **{key: shape[key] for key in SHAPE_KEYS}}}
+
+
 def source_shape(source: str) -> dict[str, Any]:
     """The shape keys of `source` (and `vocab_size`, the rows of its token embedding)."""
     return dict(_shape(source))

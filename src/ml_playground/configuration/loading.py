@@ -342,7 +342,7 @@ def describe_parse_error(request: Request, message: str) -> str:
 def validate(request: Request, data: Mapping[str, Any]) -> ExperimentConfig:
     """The whole experiment through the strict Pydantic models (every command does this)."""
     try:
-        return ExperimentConfig.model_validate(data, context={"command": request.command})
+        return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         first, count = exc.errors()[0], exc.error_count()
         key = ".".join(str(part) for part in first["loc"])
