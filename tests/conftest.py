@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +133,7 @@ def make_experiment(corpus_text: str) -> MakeExperiment:
 @pytest.fixture(scope="session")
 def prepared_experiment(tmp_path_factory: pytest.TempPathFactory, make_experiment) -> Path:
     """The tiny experiment with its dataset prepared in-process (folder/data); read-only."""
-    from ml_playground.configuration.loading import load_experiment_toml
+    from ml_playground.configuration import load_experiment_toml
     from ml_playground.prepare import run_prepare
 
     config = make_experiment(tmp_path_factory.mktemp("prepared"))
@@ -169,7 +171,8 @@ class WarmProcess:
         while "pid" not in slot and not slot["done"].is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
         if "pid" not in slot:
-            raise RuntimeError("tests/cli_server.py did not start the command (see its stderr)")
+            reason = slot.get("error", "see its stderr")
+            raise RuntimeError(f"tests/cli_server.py did not start the command: {reason}")
         self.pid: int = slot["pid"]
         self.stderr = self  # `process.stderr.read()`, as with stderr=PIPE
 
@@ -209,11 +212,12 @@ class WarmCli:
     `python -m ml_playground` per command instead)."""
 
     def __init__(self, env: Mapping[str, str], folder: Path) -> None:
-        self.folder = folder
+        self.folder = folder  # where the commands' stdout and stderr files go
+        self.failure: str | None = None  # why the server stopped starting commands
         read_end, write_end = os.pipe()
         server = Path(__file__).with_name("cli_server.py")
         self.process = subprocess.Popen(
-            [sys.executable, str(server), str(write_end), str(folder)],
+            [sys.executable, str(server), str(write_end)],
             stdin=subprocess.PIPE,
             pass_fds=(write_end,),
             env=dict(env),
@@ -229,7 +233,9 @@ class WarmCli:
             message = json.loads(line)
             slot = self.slots[message["id"]]
             slot.update(message)
-            if "code" in message:
+            if "error" in message:
+                self.failure = message["error"]
+            if "code" in message or "error" in message:
                 slot["done"].set()
         for slot in list(self.slots.values()):  # the server is gone: nothing will end
             slot.setdefault("code", 1)
@@ -239,6 +245,8 @@ class WarmCli:
         self, args: list[str], cwd: Path, env: Mapping[str, str], file_size_limit: int | None
     ) -> WarmProcess:
         """The command in a child process, running in the background."""
+        if self.failure is not None:
+            raise RuntimeError(f"tests/cli_server.py stopped: {self.failure}")
         request_id = uuid.uuid4().hex
         out, err = self.folder / f"{request_id}.out", self.folder / f"{request_id}.err"
         slot: dict[str, Any] = {"done": threading.Event()}
@@ -273,7 +281,13 @@ class WarmCli:
 
 
 @pytest.fixture(scope="session")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+def download_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ML_PLAYGROUND_CACHE of the commands the tests run: fresh, in a temporary folder."""
+    return tmp_path_factory.mktemp("ml_playground_cache")
+
+
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory: pytest.TempPathFactory, download_cache: Path) -> Iterator[Cli]:
     """`cli(*args, cwd=..., env=None, check=True)`: `python -m ml_playground ARGS` in a child
     process (forked from a warm one, see WarmCli).
 
@@ -281,7 +295,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     ML_PLAYGROUND_* variables; `env` adds variables (a None value removes one). With
     `check=True` a non-zero exit fails the test and shows stdout and stderr.
     """
-    cache = tmp_path_factory.mktemp("ml_playground_cache")
+    cache = download_cache
     # Fresh processes share one bytecode cache outside the repository: compiling torch and
     # Lightning afresh costs every command seconds when no .pyc files were installed.
     pycache = tmp_path_factory.mktemp("pycache")
@@ -356,6 +370,67 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     yield run
     if warm is not None:
         warm.close()
+
+
+@contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """Python warnings printed on sys.stderr, as a process of its own prints them (pytest
+    collects them instead): a stray warning breaks a one-line check in-process too."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:  # fmt: skip
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+@pytest.fixture
+def cli_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], download_cache: Path
+) -> Cli:
+    """`cli`'s twin for a command whose outcome is only its exit code and what it prints (a
+    configuration error, say): the same call, run by `ml_playground.cli.main` in this process,
+    with the same working directory and environment, its output read from capsys. Nothing
+    happens in parallel here, and no signal or process is involved: where they matter, or a
+    command trains, use `cli`."""
+    from ml_playground.__main__ import __file__ as main_file
+    from ml_playground.cli import main
+
+    def run(
+        *args: str | os.PathLike[str],
+        cwd: Path,
+        env: Mapping[str, str | None] | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
+        argv = [str(arg) for arg in args]
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            for key in [key for key in os.environ if key.startswith("ML_PLAYGROUND_")]:
+                patch.delenv(key)
+            patch.setenv("ML_PLAYGROUND_CACHE", str(download_cache))
+            for key, value in (env or {}).items():
+                if value is None:
+                    patch.delenv(key, raising=False)
+                else:
+                    patch.setenv(key, value)
+            patch.setattr(sys, "argv", [main_file, *argv])  # as `python -m ml_playground` has
+            before = dict(os.environ)
+            capsys.readouterr()  # only this command's output
+            try:
+                with warnings_on_stderr():
+                    code = main(argv)
+            finally:  # what the command set itself (Lightning's PL_GLOBAL_SEED, say)
+                os.environ.clear()
+                os.environ.update(before)
+            out, err = capsys.readouterr()
+        result = subprocess.CompletedProcess(["ml-playground", *argv], code, out, err)
+        if check:
+            assert result.returncode == 0, "command failed\n" + format_result(result)
+        return result
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -165,7 +165,7 @@ def test_urls_aliases_and_flag_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_url_scheme_is_case_insensitive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`HTTPS://` is a URL for the configuration and for the downloader alike (one test)."""
-    from ml_playground.prepare.download import is_url
+    from ml_playground.settings import is_url
 
     monkeypatch.chdir(tmp_path)
     for url in ("HTTPS://example.invalid/input.txt", "Http://example.invalid/input.txt"):

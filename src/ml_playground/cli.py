@@ -1,12 +1,10 @@
-"""The `ml-playground` console script: a LightningCLI in TOML mode over `GPTLightningModule`
-(`[model]`), `GPTDataModule` (`[data]`), `GPTCheckpoint` (`[checkpointing]`) and the Trainer
-(`[trainer]`), with `[prepare]` / `[sample]` groups and the commands prepare, sample and loop.
-`configuration/` orders the layers, checks strict types, words errors and validates the whole.
+"""The `ml-playground` console script: the experiment parser (`configuration/parser.py`, a
+LightningCLI in TOML mode) with a subcommand per entry of `commands.COMMANDS`, the Lightning
+classes built for the commands that need them, and one line per error (`main`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -15,41 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentError, Namespace, set_dumper
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ml_playground import commands, locking, reporting, training
-from ml_playground.checkpoint_writing import GPTCheckpoint
-from ml_playground.configuration.loading import (
-    NULL,
-    SAMPLE_OVERRIDES_ENV,
-    TRAIN_OVERRIDES_ENV,
-    Request,
-    arrange,
-    check_strict,
-    describe_parse_error,
-    dump_toml,
-    leaves,
-    packaged_defaults,
-    validate,
-)
-from ml_playground.configuration.schema import MANAGED_TRAINER_KEYS, ExperimentConfig
+from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, arrange
+from ml_playground.configuration.parser import ExperimentParser
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError, report
 from ml_playground.module import CheckpointExtras, GPTLightningModule
-from ml_playground.prepare.run import PrepareConfig
-from ml_playground.pretrained import with_source_shape
-from ml_playground.sampling import SampleConfig
-from ml_playground.settings import AnchoredPath
-
-SECTIONS = list(ExperimentConfig.model_fields)
-LINK_TARGETS = ("data.seed", "model.tokens_per_batch")  # computed, not settings
-BUILDS_MODEL = ("fit", "train", "validate", "loop")  # the commands that read model.init_from
-set_dumper("toml", dump_toml)
 
 
-class PlaygroundCLI(LightningCLI):
+class PlaygroundCLI(ExperimentParser):
     """`ml-playground COMMAND --config FILE ...`; from Python `PlaygroundCLI(["fit", ...])`."""
 
     def __init__(
@@ -60,20 +35,17 @@ class PlaygroundCLI(LightningCLI):
         env_vars: Sequence[str] | None = None,
         instantiate: bool = True,
     ) -> None:
-        self.env_vars, self.instantiate = env_vars, instantiate
+        self.instantiate = instantiate
         self.result: reporting.RunResult | None = None
         self.lock = locking.FolderLock(Path())  # the checkpoint folder's, once it is known
         try:
             super().__init__(
-                GPTLightningModule,
-                GPTDataModule,
+                args,
+                run=run,
+                env_vars=env_vars,
                 save_config_callback=training.SaveResolvedConfig,
                 save_config_kwargs={"save_to_log_dir": False},
-                parser_kwargs={"parser_mode": "toml", "exit_on_error": False, **commands.HELP},
-                args=list(args) if args is not None else None,
-                run=run,
-                auto_configure_optimizers=False,
-                load_from_checkpoint_support=False,
+                parser_kwargs=commands.HELP,
             )
         finally:
             self.lock.release()
@@ -98,88 +70,20 @@ class PlaygroundCLI(LightningCLI):
             self._subcommand_parsers[name] = sub
             subcommands.add_subcommand(name, sub, help=description)
 
-    # ----------------------------------------------------------------- the parser
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        parser = super().init_parser(**kwargs)
-        options = parser._option_string_actions
-        options["--config"].help = "an experiment TOML file; repeatable, later files win"
-        options["--print_config"].help = "print the validated configuration as TOML and exit"
-        return parser
-
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(
-            self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
-            sub_configs=True, skip=set(MANAGED_TRAINER_KEYS),
-        )  # fmt: skip
-        parser.add_lightning_class_args(self._model_class, "model")
-        parser.add_lightning_class_args(self._datamodule_class, "data")
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        fields = ExperimentConfig.model_fields
-        parser.add_argument("--experiment", type=str, help=fields["experiment"].description)
-        parser.add_argument("--log_dir", type=AnchoredPath, help=fields["log_dir"].description)
-        parser.add_class_arguments(PrepareConfig, "prepare", sub_configs=True, instantiate=False)
-        parser.add_lightning_class_args(GPTCheckpoint, "checkpointing")
-        parser.add_class_arguments(SampleConfig, "sample", sub_configs=True, instantiate=False)
-        parser.link_arguments("seed_everything", "data.seed")
-        product = lambda batch, block: batch * block  # noqa: E731
-        parser.link_arguments(("data.batch_size", "data.block_size"), LINK_TARGETS[1], product)
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        # Not default_config_files: jsonargparse would anchor the defaults' relative paths at
-        # the package's folder instead of the working directory.
-        parser.set_defaults({k: None if v == NULL else v for k, v in leaves(packaged_defaults())})
-
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        argv = list(sys.argv[1:] if args is None else args)
-        named = hasattr(self, "_subcommand_parsers") and argv[:1] and argv[0] in commands.COMMANDS
-        command = argv[0] if named else None
-        env = self.env_vars
-        if env is None:
-            env = commands.COMMANDS[command].overrides if command else ()
-        self.request = arrange(argv, command, env)
-        self.config = self._parse(parser, self.request)
-        self.experiment = self.sample_experiment = self._validate(self.request, self.config)
+        super().parse_arguments(parser, args)
+        self.sample_experiment = self.experiment
         self.lock = locking.FolderLock(self.experiment.checkpointing.dirpath)
-        if command == "loop":  # its sampling adds the sample overrides: check both now
-            second = arrange(argv, command, [TRAIN_OVERRIDES_ENV, SAMPLE_OVERRIDES_ENV])
+        if self.request.command == "loop":  # its sampling adds the sample overrides: check now
+            variables = [*self.overrides("loop"), SAMPLE_OVERRIDES_ENV]
+            second = arrange(self.argv, "loop", variables)
             self.sample_experiment = self._validate(second, self._parse(parser, second))
 
-    def _parse(self, parser: LightningArgumentParser, request: Request) -> Namespace:
-        try:
-            config = parser.parse_args(request.argv)
-        except ArgumentError as exc:
-            message = describe_parse_error(request, str(exc))
-            raise ConfigError(" ".join(message.split())) from None
-        check_strict(request, config[request.command] if request.command else config)
-        return config
+    def overrides(self, command: str) -> Sequence[str]:
+        return commands.COMMANDS[command].overrides
 
-    def _validate(self, request: Request, config: Namespace) -> ExperimentConfig:
-        ns = config[request.command] if request.command else config
-        data = ns.clone()
-        for key in LINK_TARGETS:
-            data.pop(key, None)
-        sections = {k: v for k, v in data.as_dict().items() if k in SECTIONS}
-        if request.command in BUILDS_MODEL:  # the source's shape replaces the config's
-            sections = with_source_shape(sections)
-        experiment = validate(request, sections)
-        # The classes get, and the config saved shows, the validated values (absolute paths).
-        for key, value in leaves(experiment.model_dump(exclude={"trainer"})):
-            ns[key] = value
-        return experiment
-
-    def resolved_toml(self) -> str:
-        """The experiment as TOML that `--config` reads back (printed, saved, checkpointed)."""
-        ns = self.config[self.subcommand] if self.subcommand else self.config
-        dump = self._parser(self.subcommand).dump
-        text = dump(ns, format="json", skip_none=False, skip_validation=True)
-        return dump_toml({k: data[k] for data in [json.loads(text)] for k in SECTIONS if k in data})
-
-    def _set_seed(self) -> None:
-        """Not at parse time (LightningCLI's): `build` seeds, so parsing changes nothing."""
-
-    def _parse_ckpt_path(self) -> None:
-        """Not LightningCLI's: a checkpoint's saved hyperparameters never override the config."""
+    def reads_init_from(self, command: str) -> bool:
+        return commands.COMMANDS[command].builds_model
 
     # ----------------------------------------------------------------- building the run
 
@@ -204,9 +108,9 @@ class PlaygroundCLI(LightningCLI):
         """The data module, the module, the checkpoint callback and the Trainer; the process's
         seed and settings are set here, not while parsing."""
         training.prepare_runtime()
-        super()._set_seed()
+        LightningCLI._set_seed(self)
         with missing_packages_named():
-            super().instantiate_classes()
+            LightningCLI.instantiate_classes(self)
         self.model.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)
         if resume is not None:
             training.check_resume(resume, self.model, self.datamodule)
@@ -253,11 +157,6 @@ def missing_packages_named() -> Iterator[None]:
             f"{named[1]} cannot be used: {str(cause).splitlines()[0]}; install it, or remove "
             "it from trainer.logger / trainer.callbacks"
         ) from None
-
-
-def parse_only(argv: Sequence[str], env_vars: Sequence[str] = ()) -> ExperimentConfig:
-    """The validated experiment of an argument list (no command); nothing is built."""
-    return PlaygroundCLI(argv, run=False, env_vars=env_vars, instantiate=False).experiment
 
 
 def check_command_first(argv: Sequence[str]) -> None:

@@ -117,15 +117,17 @@ def export(app: App, ckpt_path: str = "best", output: str = "", force: bool = Fa
 class Command:
     run: Callable[..., None]
     overrides: tuple[str, ...] = ()  # the override variables it reads
+    builds_model: bool = False  # reads model.init_from (its shape replaces the config's)
 
 
+TRAIN, SAMPLE = (TRAIN_OVERRIDES_ENV,), (SAMPLE_OVERRIDES_ENV,)
 COMMANDS: dict[str, Command] = {
     "prepare": Command(prepare),
-    "fit": Command(fit, (TRAIN_OVERRIDES_ENV,)),
-    "train": Command(fit, (TRAIN_OVERRIDES_ENV,)),  # the same as fit
-    "validate": Command(validate, (TRAIN_OVERRIDES_ENV,)),
-    "sample": Command(sample, (SAMPLE_OVERRIDES_ENV,)),
-    "loop": Command(loop, (TRAIN_OVERRIDES_ENV,)),  # and the sample overrides for its sampling
+    "fit": Command(fit, TRAIN, builds_model=True),
+    "train": Command(fit, TRAIN, builds_model=True),  # the same as fit
+    "validate": Command(validate, TRAIN, builds_model=True),
+    "sample": Command(sample, SAMPLE),
+    "loop": Command(loop, TRAIN, builds_model=True),  # its sampling adds the sample overrides
     "export": Command(export),
 }
 EPILOG = (

@@ -74,13 +74,16 @@ class AnchoredPath(_Anchored, PosixPath):
         return cls(anchor(value))
 
 
+def is_url(source: str | os.PathLike[str]) -> bool:
+    """True for ``http://`` and ``https://`` sources (the one URL test)."""
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
 class Source(_Anchored, str):
     """A corpus: an http(s) URL as it is, otherwise a path."""
 
     @classmethod
     def parse(cls, value: Any) -> Source:
-        from ml_playground.prepare.download import is_url  # the one URL test
-
         return cls(value if isinstance(value, str) and is_url(value) else anchor(value))
 
 

@@ -371,31 +371,3 @@ def dump_toml(data: Mapping[str, Any]) -> str:
         return NULL if value is None else value
 
     return tomli_w.dumps(nulls(dict(sorted(data.items(), key=lambda i: isinstance(i[1], dict)))))
-
-
-# --------------------------------------------------------------------------- Python API
-
-
-def load_config(
-    config_files: Sequence[str | Path] = (),
-    flags: Sequence[tuple[str, str]] = (),
-    env_vars: Sequence[str] = (),
-) -> ExperimentConfig:
-    """Defaults < config files (in order) < environment overrides < flags, validated by the
-    console script's own LightningCLI parser (nothing is built)."""
-    from ml_playground.cli import parse_only  # the parser lives with the command line
-
-    argv = [item for path in config_files for item in ("--config", str(path))]
-    return parse_only(argv + [f"--{key}={value}" for key, value in flags], env_vars)
-
-
-def load_experiment_toml(path: Path) -> ExperimentConfig:
-    """One experiment file over the packaged defaults, validated (no overrides)."""
-    return load_config([path])
-
-
-def load_full_experiment_config(
-    path: Path, flags: Sequence[tuple[str, str]] = ()
-) -> ExperimentConfig:
-    """An experiment file with the training overrides of the environment and flags applied."""
-    return load_config([path], flags, [TRAIN_OVERRIDES_ENV])

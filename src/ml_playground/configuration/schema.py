@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from ml_playground.checkpoint_writing import CheckpointingConfig
 from ml_playground.data import DataConfig
 from ml_playground.module import ModelConfig
-from ml_playground.prepare.run import PrepareConfig
+from ml_playground.prepare.config import PrepareConfig
 from ml_playground.sampling import SampleConfig  # the sections, beside the classes they configure
 from ml_playground.settings import AnchoredPath, Section, Seed
 

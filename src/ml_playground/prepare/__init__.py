@@ -12,8 +12,9 @@ from ml_playground.prepare.artifacts import (
     read_meta,
     write_bin_and_meta,
 )
+from ml_playground.prepare.config import PrepareConfig
 from ml_playground.prepare.download import cache_dir, cached_path_for, fetch
-from ml_playground.prepare.run import PrepareConfig, resolve_source, run_prepare
+from ml_playground.prepare.run import resolve_source, run_prepare
 from ml_playground.prepare.stream import iter_documents, prepare_corpus
 from ml_playground.prepare.tokenizers import (
     CharTokenizer,

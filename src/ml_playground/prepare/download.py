@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ml_playground.errors import DataError
 from ml_playground.files import atomic_file
+from ml_playground.settings import is_url
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -26,11 +27,6 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "ml-playground"
-
-
-def is_url(source: str | Path) -> bool:
-    """True for ``http://`` and ``https://`` sources."""
-    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
 def cached_path_for(url: str) -> Path:

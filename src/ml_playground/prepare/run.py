@@ -10,78 +10,17 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from pydantic import Field, field_validator
-
 from ml_playground.errors import ConfigError, DataError
 from ml_playground.prepare.artifacts import (
     artifacts_ready,
     dataset_meta,
     is_nanogpt_gpt2_folder,
 )
-from ml_playground.prepare.download import fetch, is_url
-from ml_playground.prepare.stream import Split, prepare_corpus
-from ml_playground.prepare.tokenizers import TiktokenTokenizer, unknown_encoding
-from ml_playground.settings import Section, Source
-
-
-class PrepareConfig(Section):
-    """How `prepare` turns a raw corpus into train.bin / val.bin / meta.pkl."""
-
-    source: Source = Field(
-        description="the raw corpus: a URL (downloaded once into the cache), a UTF-8 file, a "
-        "folder (every *.txt below it, sorted) or a glob pattern; relative paths resolve "
-        "against the config file"
-    )
-    source_sha256: str = Field(
-        description='expected sha256 of the raw corpus (hex, any case); "" skips the check',
-        pattern=r"^([0-9a-fA-F]{64})?$",
-    )
-    tokenizer: str = Field(
-        description='"char" (one token per character) or "tiktoken:<encoding>", e.g. tiktoken:gpt2',
-        pattern=r"^(char|tiktoken:[A-Za-z0-9_.-]+)$",
-    )
-    val_fraction: float = Field(
-        description="share of the corpus held out for validation: the last part of the text "
-        '(split "contiguous") or of the documents (split "documents")',
-        gt=0.0,
-        lt=1.0,
-    )
-    split: Split = Field(
-        description="\"contiguous\": nanoGPT's split, the text's last val_fraction validates; "
-        '"documents": a random val_fraction of the documents (seeded by seed_everything)'
-    )
-    document_separator: str = Field(
-        description='what separates documents inside a file ("" : each file is one document); '
-        "with BPE, documents are joined by the end-of-text token"
-    )
-    chunk_bytes: int = Field(
-        description="bytes read and tokenized at a time (prepare streams: memory stays bounded)",
-        gt=0,
-    )
-    num_threads: int = Field(
-        description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
-    )
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _known_encoding(cls, value: str) -> str:
-        # Checked with the configuration (no download): a typo is a setting to fix, found
-        # before any command works.
-        kind, _, name = value.partition(":")
-        if kind == "tiktoken" and (problem := unknown_encoding(name)):
-            raise ValueError(problem)
-        return value
-
-    @field_validator("source_sha256")
-    @classmethod
-    def _lower_case(cls, value: str) -> str:
-        return value.lower()  # as hashlib writes it
-
-    @property
-    def encoding(self) -> str | None:
-        """The tiktoken encoding named by ``tokenizer``; None for "char"."""
-        kind, _, name = self.tokenizer.partition(":")
-        return name if kind == "tiktoken" else None
+from ml_playground.prepare.config import PrepareConfig
+from ml_playground.prepare.download import fetch
+from ml_playground.prepare.stream import prepare_corpus
+from ml_playground.prepare.tokenizers import TiktokenTokenizer
+from ml_playground.settings import is_url
 
 
 def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:

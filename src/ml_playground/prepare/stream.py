@@ -29,20 +29,14 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from ml_playground.errors import DataError
 from ml_playground.prepare.artifacts import ArtifactWriter, TokenFile
+from ml_playground.prepare.config import PrepareConfig
 from ml_playground.prepare.tokenizers import CharTokenizer, TiktokenTokenizer
-
-if TYPE_CHECKING:
-    from ml_playground.prepare.run import PrepareConfig
-
-Split = Literal["contiguous", "documents"]
-
 
 # --------------------------------------------------------------------------- reading
 
