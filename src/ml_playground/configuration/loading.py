@@ -209,6 +209,13 @@ def check_strict(request: Request, parsed: Any) -> None:
 # --------------------------------------------------------------------------- messages
 
 
+def _cause_of_type(error: BaseException, kind: type[ValidationError]) -> ValidationError | None:
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, kind):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
 def _show(value: Any) -> str:
     return json.dumps(value, default=str, ensure_ascii=False)
 
@@ -306,8 +313,17 @@ def describe_class_error(request: Request, key: str, message: str) -> str | None
     return None
 
 
-def describe_parse_error(request: Request, message: str) -> str:
-    """jsonargparse's multi-line verdict as one line: `origin: key: problem`."""
+def describe_parse_error(request: Request, error: Exception) -> str:
+    """jsonargparse's verdict as one line: `origin: key: problem`. Its exceptions carry only
+    text, except a value our Pydantic types refused: the ValidationError behind it is read as
+    data; the rest is matched against the wording of the pinned jsonargparse (~=4.53.0; the
+    tests of every message fail on a change)."""
+    message = str(error)
+    refused = _cause_of_type(error, ValidationError)
+    key = re.match(r'\s*Parser key "([^"]+)"', message)
+    if refused is not None and key is not None and key[1] not in CLASS_MODULES:
+        detail = refused.errors()[0]
+        return f"{request.origin(key[1])}: {key[1]} = {detail['input']}: {detail['msg']}"
     if (m := re.match(r'\s*Parser key "([^"]+)"', message)) and (
         line := describe_class_error(request, m[1], message)
     ):

@@ -124,7 +124,7 @@ class ExperimentParser(LightningCLI):
         try:
             config = parser.parse_args(request.argv)
         except ArgumentError as exc:
-            message = describe_parse_error(request, str(exc))
+            message = describe_parse_error(request, exc)
             raise ConfigError(" ".join(message.split())) from None
         check_strict(request, config[request.command] if request.command else config)
         return config
