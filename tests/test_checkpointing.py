@@ -26,8 +26,8 @@ from ml_playground.checkpoint_reading import (
 )
 from ml_playground.checkpoint_writing import GPTCheckpoint
 from ml_playground.cli import PlaygroundCLI
+from ml_playground.console import RunResult
 from ml_playground.errors import CheckpointError
-from ml_playground.reporting import RunResult
 
 MAX_STEPS = 11
 EVERY_N_STEPS = 4  # last at 0, 4, 8 and (end of training) 11

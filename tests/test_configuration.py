@@ -41,7 +41,6 @@ def test_defaults_alone_are_a_valid_config() -> None:
     defaults = packaged_defaults()
     assert cfg.model.n_layer == defaults["model"]["n_layer"]
     assert cfg.checkpointing.keep.last == defaults["checkpointing"]["keep"]["last"]
-    # The seed note's access path.
     assert cfg.checkpointing.keep.best == defaults["checkpointing"]["keep"]["best"]
 
 
@@ -165,7 +164,7 @@ def test_urls_aliases_and_flag_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_url_scheme_is_case_insensitive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`HTTPS://` is a URL for the configuration and for the downloader alike (one test)."""
-    from ml_playground.settings import is_url
+    from ml_playground.sections import is_url
 
     monkeypatch.chdir(tmp_path)
     for url in ("HTTPS://example.invalid/input.txt", "Http://example.invalid/input.txt"):

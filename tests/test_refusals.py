@@ -288,7 +288,7 @@ def test_an_allocation_that_cannot_succeed_is_one_line(
 def test_runs_started_together_get_their_own_log_folder(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from ml_playground.monitoring import StepAlignedLogger
+    from ml_playground.tensorboard_logging import StepAlignedLogger
 
     def version(_: int) -> int:
         return StepAlignedLogger(save_dir=str(tmp_path), name="tiny").version

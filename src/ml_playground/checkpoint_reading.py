@@ -1,6 +1,5 @@
-"""Checkpoint files without Lightning: names, finding `last` / `best`, safe reading and
-validation. `sample` needs only these, so it starts without importing Lightning; the
-Lightning callback that writes checkpoints lives in `checkpoint_writing.py`."""
+"""Checkpoint files with torch alone: names, finding `last` / `best`, safe reading and
+validation; the Lightning callback that writes them lives in `checkpoint_writing.py`."""
 
 from __future__ import annotations
 

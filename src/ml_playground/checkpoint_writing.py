@@ -29,7 +29,7 @@ from ml_playground.checkpoint_reading import (
 from ml_playground.errors import CheckpointError, ConfigError
 from ml_playground.files import atomic_file
 from ml_playground.interrupts import hold_interrupts
-from ml_playground.settings import AnchoredPath, Section
+from ml_playground.sections import AnchoredPath, Section
 
 
 class KeepConfig(Section):

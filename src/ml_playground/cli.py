@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ml_playground import commands, locking, reporting, training
+from ml_playground import commands, console, locking, training
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, arrange
 from ml_playground.configuration.parser import ExperimentParser
 from ml_playground.data import GPTDataModule
@@ -36,7 +36,7 @@ class PlaygroundCLI(ExperimentParser):
         instantiate: bool = True,
     ) -> None:
         self.instantiate = instantiate
-        self.result: reporting.RunResult | None = None
+        self.result: console.RunResult | None = None
         self.lock = locking.FolderLock(Path())  # the checkpoint folder's, once it is known
         try:
             super().__init__(

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ml_playground import reporting
+from ml_playground import console
 from ml_playground.configuration.loading import SAMPLE_OVERRIDES_ENV, TRAIN_OVERRIDES_ENV
 from ml_playground.configuration.schema import ExperimentConfig
+from ml_playground.console import SEPARATOR
 from ml_playground.errors import ConfigError
 from ml_playground.files import write_atomic
-from ml_playground.reporting import SEPARATOR
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -34,7 +34,7 @@ class App(Protocol):
     experiment: ExperimentConfig
     sample_experiment: ExperimentConfig  # with the sample overrides too (loop)
     lock: FolderLock
-    result: reporting.RunResult | None
+    result: console.RunResult | None
 
     def resume_from(self, ckpt_path: str | None, default: str | None = None) -> Path | None: ...
 
@@ -63,7 +63,7 @@ def fit(app: App, ckpt_path: str | None = None) -> None:
     resume = app.resume_from(ckpt_path)
     trainer, module, data = app.build(resume)
     app.result = training.fit(trainer, module, data, app.experiment, resume, app.lock)
-    reporting.report_fit(app.result, app.experiment)
+    console.report_fit(app.result, app.experiment)
 
 
 def validate(app: App, ckpt_path: str | None = None) -> None:
@@ -78,7 +78,7 @@ def validate(app: App, ckpt_path: str | None = None) -> None:
     assert path is not None
     trainer, module, data = app.build(path)
     app.result = training.validate(trainer, module, data, app.experiment, path)
-    reporting.report_validate(app.result)
+    console.report_validate(app.result)
 
 
 def sample(app: App) -> None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ml_playground.errors import DataError
 from ml_playground.prepare import CharTokenizer, dataset_meta, load_tokens
 from ml_playground.prepare.artifacts import check_token_counts
-from ml_playground.settings import AnchoredPath, Section
+from ml_playground.sections import AnchoredPath, Section
 
 ARTIFACTS = ("meta.pkl", "train.bin", "val.bin")
 

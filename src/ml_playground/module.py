@@ -18,8 +18,8 @@ from ml_playground.checkpoint_reading import FORMAT_VERSION, SECTION
 from ml_playground.errors import ConfigError, TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
-from ml_playground.monitoring import completed_step
-from ml_playground.settings import Pretrained, Section
+from ml_playground.sections import Pretrained, Section
+from ml_playground.tensorboard_logging import completed_step
 
 
 class ModelConfig(Section):

@@ -21,7 +21,7 @@ from ml_playground.checkpoint_reading import (
 from ml_playground.errors import CheckpointError, SamplingError, shorten
 from ml_playground.model.gpt import GPT, GPTConfig, strip_compile_prefix
 from ml_playground.prepare import Tokenizer, read_meta, tokenizer_from_meta
-from ml_playground.settings import (
+from ml_playground.sections import (
     MAX_SEED,
     PROMPT_FILE_PREFIX,
     CheckpointRef,

@@ -1,6 +1,6 @@
 """`fit` and `validate` around the classes LightningCLI built: the project's callbacks, logger
 and checkpoint I/O, the resume checks; the folder lock is in `locking.py`, what a run reports
-in `report.py`."""
+in `console.py`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ml_playground import reporting
+from ml_playground import console
 from ml_playground.checkpoint_reading import (
     check_compatible,
     checkpoint_step,
@@ -40,8 +40,8 @@ from ml_playground.files import fsync_dir, write_atomic
 from ml_playground.interrupts import StopBetweenSteps
 from ml_playground.locking import FolderLock
 from ml_playground.module import GPTLightningModule
-from ml_playground.monitoring import HparamsSummary, ProgressBar, StepAlignedLogger, TextSample
 from ml_playground.random_state import RandomState
+from ml_playground.tensorboard_logging import HparamsSummary, StepAlignedLogger, TextSample
 from ml_playground.weights_guard import FiniteWeights
 
 CONFIG_FILENAME = "config.toml"
@@ -205,7 +205,7 @@ def project_callbacks(
         StopBetweenSteps(),
         RandomState(),
         FiniteWeights(),
-        reporting.ReportValidation(),
+        console.ReportValidation(),
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
     ]
@@ -218,7 +218,7 @@ def project_callbacks(
         # as the state_dict (the raw weights under current_model_state, for resuming).
         callbacks.insert(0, EMAWeightAveraging(decay=cfg.model.ema_decay))
     if progress_bar:
-        callbacks.append(ProgressBar(refresh_rate=10))
+        callbacks.append(console.ProgressBar(refresh_rate=10))
     return callbacks
 
 
@@ -250,7 +250,7 @@ def stop_started_ranks(trainer: pl.Trainer, exc: BaseException) -> None:
     procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
     if not procs:
         return
-    grace = 30.0 if type(exc).__name__ == "SIGTERMException" else 0.0
+    grace = 30.0 if isinstance(exc, SIGTERMException) else 0.0
     deadline = time.monotonic() + grace
     for proc in procs:
         try:
@@ -267,7 +267,7 @@ def fit(
     cfg: ExperimentConfig,
     resume: Path | None,
     lock: FolderLock,
-) -> reporting.RunResult:
+) -> console.RunResult:
     """Train (or resume training) with the classes LightningCLI built; `lock` is released."""
     try:
         refuse_before_work(trainer, cfg)
@@ -289,24 +289,24 @@ def fit(
         if sigterm or ctrl_c:
             for number in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(number, signal.SIG_IGN)
-            raise reporting.interrupted(trainer, sigterm) from None
+            raise console.interrupted(trainer, sigterm) from None
         raise
     finally:
         lock.release()
-    return reporting.run_result(trainer, cfg)
+    return console.run_result(trainer, cfg)
 
 
 def validate(
     trainer: pl.Trainer, module: GPTLightningModule, datamodule: GPTDataModule,
     cfg: ExperimentConfig, path: Path,
-) -> reporting.RunResult:  # fmt: skip
+) -> console.RunResult:  # fmt: skip
     """Evaluate a checkpoint on the fixed validation windows."""
     try:
         trainer.validate(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
     except BaseException as exc:
         stop_started_ranks(trainer, exc)
         raise
-    return reporting.run_result(trainer, cfg)
+    return console.run_result(trainer, cfg)
 
 
 def end_distributed() -> None:

@@ -84,7 +84,7 @@ def test_csv_logger_by_flag_and_callbacks_and_logger_in_toml(prepared: Path, cli
         'class_path = "CSVLogger"\n'
         'init_args = { save_dir = "csv" }\n'
         "[[trainer.logger]]\n"
-        'class_path = "ml_playground.monitoring.StepAlignedLogger"\n'
+        'class_path = "ml_playground.tensorboard_logging.StepAlignedLogger"\n'
         'init_args = { save_dir = "tb", name = "tiny" }\n'
         "[[trainer.callbacks]]\n"
         'class_path = "LearningRateMonitor"\n',

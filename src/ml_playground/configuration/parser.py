@@ -37,7 +37,7 @@ from ml_playground.module import GPTLightningModule
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.pretrained import with_source_shape
 from ml_playground.sampling import SampleConfig
-from ml_playground.settings import AnchoredPath
+from ml_playground.sections import AnchoredPath
 
 SECTIONS = list(ExperimentConfig.model_fields)
 LINK_TARGETS = ("data.seed", "model.tokens_per_batch")  # computed, not settings

@@ -16,7 +16,7 @@ from ml_playground.data import DataConfig
 from ml_playground.module import ModelConfig
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.sampling import SampleConfig  # the sections, beside the classes they configure
-from ml_playground.settings import AnchoredPath, Section, Seed
+from ml_playground.sections import AnchoredPath, Section, Seed
 
 # Trainer arguments the project sets itself: a user value would silently fight ours.
 MANAGED_TRAINER_KEYS = {

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ml_playground.prepare.tokenizers import unknown_encoding
-from ml_playground.settings import Section, Source
+from ml_playground.sections import Section, Source
 
 Split = Literal["contiguous", "documents"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ml_playground.errors import DataError
 from ml_playground.files import atomic_file
-from ml_playground.settings import is_url
+from ml_playground.sections import is_url
 
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20

@@ -20,7 +20,7 @@ from ml_playground.prepare.config import PrepareConfig
 from ml_playground.prepare.download import fetch
 from ml_playground.prepare.stream import prepare_corpus
 from ml_playground.prepare.tokenizers import TiktokenTokenizer
-from ml_playground.settings import is_url
+from ml_playground.sections import is_url
 
 
 def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:

@@ -1,4 +1,5 @@
-"""What a user watches: a text sample per validation, the HPARAMS summary, the progress bar."""
+"""What a run logs to TensorBoard: a text sample per validation, the HPARAMS summary, and the
+logger that numbers steps as the checkpoint names do."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ml_playground.errors import DataError, MLPlaygroundError
@@ -128,15 +128,6 @@ class StepAlignedLogger(TensorBoardLogger):
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if metrics:
             super().log_metrics(metrics, None if step is None else completed_step(step))
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's bar, refreshed every few steps, without the logger version number."""
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

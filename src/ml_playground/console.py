@@ -1,4 +1,5 @@
-"""What a run reports: one line per validation while it trains, and the closing summary."""
+"""What a run prints: one line per validation while it trains, the progress bar, the
+closing summary and the line an interrupt ends with."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ml_playground.checkpoint_reading import file_step, managed_files
@@ -140,3 +142,12 @@ def report_validate(result: RunResult) -> None:
     if result.is_global_zero:
         for name, value in sorted(result.metrics.items()):
             print(f"{name}: {value:.4f}")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, refreshed every few steps, without the logger version number."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
