@@ -109,7 +109,7 @@ def test_resolve_source_file_folder_glob(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no file matches"):
         resolve_source(str(folder / "*.csv"), None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no \*\.txt files"):
+    with pytest.raises(DataError, match=r"holds no \*\.txt, \*\.jsonl, \*\.jsonl\.gz or \*\.parquet files"):
         resolve_source(tmp_path / "empty", None)
     with pytest.raises(ConfigError, match="single file"):
         resolve_source(folder, "0" * 64)
@@ -144,7 +144,7 @@ def test_prepare_folder_with_tiny_tiktoken_contiguous(tmp_path: Path) -> None:
     meta = prepare_corpus(files, TiktokenTokenizer(enc), tmp_path / "ds", settings(folder), seed=0)
     assert meta["vocab_size"] == 266 and meta["eot_token"] == 265 and meta["dtype"] == "uint16"
     assert meta["split"] == "contiguous" and meta["encoding"] == enc.name
-    ordered = [p.read_text(encoding="utf-8") for p in files]
+    ordered = [Path(p).read_text(encoding="utf-8") for p in files]
     text = "".join(ordered)
     cut = int(len(text) * 0.9)
     # Documents are joined by <|endoftext|>; the split cuts the text where nanoGPT would.
@@ -179,7 +179,7 @@ def test_by_document_split_is_reproducible_from_the_seed(tmp_path: Path) -> None
     meta = first[2]
     assert (meta["train_documents"], meta["val_documents"]) == (15, 5)
     assert meta["split"] == "documents" and meta["seed"] == 1
-    ordered = [p.read_text(encoding="utf-8") for p in files]
+    ordered = [Path(p).read_text(encoding="utf-8") for p in files]
     val_docs = tok.decode(ids(tmp_path / "s1", "val")).split(EOT)
     train_docs = tok.decode(ids(tmp_path / "s1", "train")).split(EOT)
     assert len(val_docs) == 5 and sorted(val_docs + train_docs) == sorted(ordered)
@@ -207,7 +207,7 @@ def test_small_chunks_give_the_one_shot_artifacts(
     folder = write_folder(tmp_path / "corpus", docs)
     files = resolve_source(folder, None)
     tok = "char" if tokenizer == "char" else TiktokenTokenizer(tiny_encoding())
-    total = sum(p.stat().st_size for p in files)
+    total = sum(p.size for p in files)
     results = []
     for chunk in (1 << 30, 64, 7):
         out = tmp_path / f"ds{chunk}"
@@ -231,7 +231,7 @@ def test_cut_pieces_only_cuts_where_tokens_do_not_change() -> None:
 def test_char_tokenizer_folder_and_utf8_errors(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "corpus", ["héllo wörld\n" * 5, "naïve — text\n" * 5])
     did, meta = run_prepare(settings(folder, chunk_bytes=3), tmp_path / "ds", seed=0)
-    text = "".join(p.read_text(encoding="utf-8") for p in resolve_source(folder, None))
+    text = "".join(Path(p).read_text(encoding="utf-8") for p in resolve_source(folder, None))
     assert did and meta["vocab_size"] == len(set(text))
     itos = meta["itos"]
     decoded = "".join(itos[i] for i in ids(tmp_path / "ds", "train") + ids(tmp_path / "ds", "val"))

@@ -14,8 +14,9 @@ from ml_playground.prepare.artifacts import (
 )
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.prepare.download import cache_dir, cached_path_for, fetch
-from ml_playground.prepare.run import resolve_source, run_prepare
-from ml_playground.prepare.stream import iter_documents, prepare_corpus
+from ml_playground.prepare.run import run_prepare
+from ml_playground.prepare.sources import CorpusFile, iter_documents, resolve_source
+from ml_playground.prepare.stream import prepare_corpus
 from ml_playground.prepare.tokenizers import (
     CharTokenizer,
     TiktokenTokenizer,
@@ -28,6 +29,7 @@ __all__ = [
     "NANOGPT_DEFAULT_META",
     "ArtifactWriter",
     "CharTokenizer",
+    "CorpusFile",
     "PrepareConfig",
     "TiktokenTokenizer",
     "Tokenizer",

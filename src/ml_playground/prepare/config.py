@@ -16,9 +16,10 @@ class PrepareConfig(Section):
     """How `prepare` turns a raw corpus into train.bin / val.bin / meta.pkl."""
 
     source: Source = Field(
-        description="the raw corpus: a URL (downloaded once into the cache), a UTF-8 file, a "
-        "folder (every *.txt below it, sorted) or a glob pattern; relative paths resolve "
-        "against the config file"
+        description="the raw corpus: an http(s) URL (downloaded once into the cache), any "
+        "fsspec URL (hf://datasets/<owner>/<name>/<glob>), a file, a folder (its *.txt, "
+        "*.jsonl, *.jsonl.gz and *.parquet files, sorted) or a glob; .jsonl(.gz) and .parquet "
+        "hold one document per record; relative paths resolve against the config file"
     )
     source_sha256: str = Field(
         description='expected sha256 of the raw corpus (hex, any case); "" skips the check',
@@ -45,6 +46,15 @@ class PrepareConfig(Section):
     chunk_bytes: int = Field(
         description="bytes read and tokenized at a time (prepare streams: memory stays bounded)",
         gt=0,
+    )
+    text_field: str = Field(
+        description="the key (JSONL) or column (Parquet) that holds each document's text",
+        min_length=1,
+    )
+    max_documents: int = Field(
+        description="stop after this many documents (0 = all): try the first slice of a "
+        "large corpus",
+        ge=0,
     )
     num_threads: int = Field(
         description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0

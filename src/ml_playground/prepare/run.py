@@ -7,51 +7,18 @@ the same tokenizer already exist (unless forced).
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
-from ml_playground.errors import ConfigError, DataError
+from ml_playground.errors import DataError
 from ml_playground.prepare.artifacts import (
     artifacts_ready,
     dataset_meta,
     is_nanogpt_gpt2_folder,
 )
 from ml_playground.prepare.config import PrepareConfig
-from ml_playground.prepare.download import fetch
+from ml_playground.prepare.sources import resolve_source
 from ml_playground.prepare.stream import prepare_corpus
 from ml_playground.prepare.tokenizers import TiktokenTokenizer
-from ml_playground.sections import is_url
-
-
-def resolve_source(source: str | Path, source_sha256: str | None) -> list[Path]:
-    """The corpus files of ``source``: a URL's cached download, a file, a folder or a glob."""
-    if is_url(source):
-        return [fetch(source, source_sha256)]
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if source_sha256:
-            raise ConfigError(
-                f"prepare.source_sha256 needs a single file, but {path} is a folder; "
-                'set prepare.source_sha256 = "" or point prepare.source at one file'
-            )
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"folder {path} holds no *.txt files; fix prepare.source")
-        return files
-    if not path.exists() and glob.has_magic(str(path)):
-        if source_sha256:
-            raise ConfigError(
-                f"prepare.source_sha256 needs a single file, but {path} is a glob pattern; "
-                'set prepare.source_sha256 = "" or point prepare.source at one file'
-            )
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError(f"no file matches the pattern {path}; fix prepare.source")
-        return files
-    path = fetch(path, source_sha256)
-    if not path.is_file():
-        raise DataError(f"source {path} is not a file; point prepare.source at a UTF-8 text file")
-    return [path]
 
 
 def _check_same_settings(meta: dict, settings: PrepareConfig, where: Path) -> None:

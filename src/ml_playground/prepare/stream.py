@@ -1,4 +1,5 @@
-"""The streaming preparer: any corpus (one file, a folder, a glob), any tokenizer, any size.
+"""The streaming preparer: any corpus (`sources.py`: text, JSONL, Parquet, local or behind an
+fsspec URL), any tokenizer, any size.
 
 Two passes over the text, each reading ``chunk_bytes`` at a time, so neither the corpus nor its
 tokens are ever held in memory:
@@ -23,12 +24,12 @@ chunk size gives exactly the tokens of encoding each document in one go.
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -36,71 +37,8 @@ from tqdm import tqdm
 from ml_playground.errors import DataError
 from ml_playground.prepare.artifacts import ArtifactWriter, TokenFile
 from ml_playground.prepare.config import PrepareConfig
+from ml_playground.prepare.sources import CorpusFile, corpus_file, iter_documents
 from ml_playground.prepare.tokenizers import CharTokenizer, TiktokenTokenizer
-
-# --------------------------------------------------------------------------- reading
-
-
-def _read_chunks(path: Path, chunk_bytes: int, on_bytes: Callable[[int], None]) -> Iterator[str]:
-    """Decoded text of ``path``, ``chunk_bytes`` at a time (strict UTF-8)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
-    try:
-        with open(path, "rb") as f:
-            while True:
-                raw = f.read(chunk_bytes)
-                final = not raw
-                try:
-                    text = decoder.decode(raw, final=final)
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path} is not valid UTF-8 (near byte {offset + e.start}: {e.reason}); "
-                        "convert it to UTF-8"
-                    ) from None
-                offset += len(raw)
-                on_bytes(len(raw))
-                if text:
-                    yield text
-                if final:
-                    return
-    except OSError as e:
-        raise DataError(
-            f"cannot read {path} ({e.strerror}); check the path and permissions"
-        ) from None
-
-
-def iter_documents(
-    files: Sequence[Path],
-    separator: str,
-    chunk_bytes: int,
-    on_bytes: Callable[[int], None] = lambda n: None,
-) -> Iterator[tuple[bool, str]]:
-    """``(starts_document, text)`` pieces of the corpus, in order; empty documents are skipped.
-
-    A document is a file, or with a ``separator`` each part of a file between separators.
-    """
-    keep = max(len(separator) - 1, 0)
-    for path in files:
-        new = True
-        carry = ""
-        for chunk in _read_chunks(path, chunk_bytes, on_bytes):
-            if not separator:
-                yield new, chunk
-                new = False
-                continue
-            parts = (carry + chunk).split(separator)
-            carry = parts.pop()
-            for part in parts:
-                if part:
-                    yield new, part
-                new = True
-            if len(carry) > max(chunk_bytes, keep + 1):  # a long document: pass most of it on
-                head, carry = carry[: len(carry) - keep], carry[len(carry) - keep :]
-                yield new, head
-                new = False
-        if carry:
-            yield new, carry
-
 
 # --------------------------------------------------------------------------- progress
 
@@ -264,7 +202,7 @@ def _route(
 
 
 def prepare_corpus(
-    files: Sequence[Path],
+    sources: Sequence[CorpusFile | Path],
     tokenizer: str | TiktokenTokenizer,
     out_dir: Path,
     settings: PrepareConfig,
@@ -272,22 +210,27 @@ def prepare_corpus(
     seed: int,
     progress: bool = False,
 ) -> dict:
-    """Tokenize ``files`` (in order) into ``out_dir`` as ``settings`` say, streaming; return the
+    """Tokenize ``sources`` (in order) into ``out_dir`` as ``settings`` say, streaming; return the
     meta written to ``meta.pkl``. ``settings.tokenizer`` is not read: ``tokenizer`` is "char" or
     a tiktoken tokenizer; ``seed`` draws the validation documents of ``split = "documents"``."""
+    files = [corpus_file(item) for item in sources]
     source, split, val_fraction = settings.source, settings.split, settings.val_fraction
     separator, chunk_bytes = settings.document_separator, settings.chunk_bytes
     if not files:
         raise DataError(f"{source} holds no files; point prepare.source at UTF-8 text")
     threads = settings.num_threads or os.cpu_count() or 1
-    total_bytes = sum(Path(p).stat().st_size for p in files)
+    total_bytes = sum(file.size for file in files)
+    read: dict[str, Any] = {
+        "text_field": settings.text_field,
+        "max_documents": settings.max_documents,
+    }
 
     # Pass 1: characters, documents and (for char) the vocabulary.
     n_chars = n_docs = 0
     chars: set[str] = set()
     is_char = tokenizer == "char"
     with _bar("prepare: scanning", total_bytes, progress) as scan:
-        for new, text in iter_documents(files, separator, chunk_bytes, scan.update):
+        for new, text in iter_documents(files, separator, chunk_bytes, scan.update, **read):
             n_docs += new
             n_chars += len(text)
             if is_char:
@@ -329,9 +272,8 @@ def prepare_corpus(
             bar.set_postfix_str(f"{writer.train.count + writer.val.count:,} tokens", refresh=False)
             bar.update(n)
 
-        _route(
-            iter_documents(files, separator, chunk_bytes, on_bytes), streams, split, cut, val_docs
-        )
+        documents = iter_documents(files, separator, chunk_bytes, on_bytes, **read)
+        _route(documents, streams, split, cut, val_docs)
         for stream in streams:
             stream.finish()
         on_bytes(0)
