@@ -80,11 +80,12 @@ def is_url(source: str | os.PathLike[str]) -> bool:
 
 
 class Source(_Anchored, str):
-    """A corpus: an http(s) URL as it is, otherwise a path."""
+    """A corpus: a URL (http(s), hf://, any fsspec protocol) as it is, otherwise a path."""
 
     @classmethod
     def parse(cls, value: Any) -> Source:
-        return cls(value if isinstance(value, str) and is_url(value) else anchor(value))
+        remote = isinstance(value, str) and "://" in value  # http(s) or any fsspec URL
+        return cls(value if remote else anchor(value))
 
 
 class CheckpointRef(_Anchored, str):

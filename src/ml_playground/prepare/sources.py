@@ -23,7 +23,7 @@ from typing import IO, Any
 import fsspec
 
 from ml_playground.errors import ConfigError, DataError
-from ml_playground.prepare.download import fetch
+from ml_playground.prepare.download import cache_dir, fetch
 from ml_playground.sections import is_url
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -144,8 +144,14 @@ def _first_line(exc: BaseException) -> str:
 
 @contextmanager
 def _opened(file: CorpusFile) -> Iterator[IO[bytes]]:
+    """The file's bytes. A remote file goes through fsspec's `simplecache` (under the download
+    cache), so the second pass of `prepare` reads it from disk instead of the network."""
+    location, options = file.location, {}
+    if "://" in location:
+        location = f"simplecache::{location}"
+        options = {"simplecache": {"cache_storage": str(cache_dir() / "remote")}}
     try:
-        with fsspec.open(file.location, "rb") as handle:
+        with fsspec.open(location, "rb", **options) as handle:
             yield handle
     except OSError as exc:
         raise DataError(
