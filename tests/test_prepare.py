@@ -128,11 +128,12 @@ def test_prepare_corpus_with_tiny_tiktoken(tmp_path: Path) -> None:
 
 
 def test_prepare_config_rules() -> None:
-    assert settings("c.txt").encoding is None
-    assert settings("c.txt", tokenizer="tiktoken:gpt2").encoding == "gpt2"
+    for spec in ("char", "tiktoken:gpt2", "hf:gpt2", "hf:tok/tokenizer.json", "bpe:512"):
+        assert settings("c.txt", tokenizer=spec).tokenizer == spec
     assert settings("c.txt", source_sha256="A" * 64).source_sha256 == "a" * 64  # any case
     bad: list[dict[str, object]] = [
-        *({"tokenizer": spec} for spec in ("bpe", "tiktoken", "tiktoken:", "Char")),
+        *({"tokenizer": spec} for spec in ("bpe", "tiktoken", "tiktoken:", "Char", "hf:")),
+        *({"tokenizer": spec} for spec in ("bpe:256", "bpe:x", f"bpe:{2**20 + 1}")),
         *({"val_fraction": v} for v in (0.0, 1.0, -0.1)),
         *({"source_sha256": v} for v in ("abc", "g" * 64)),
         {"split": "random"},

@@ -198,7 +198,7 @@ def check_compatible(
             f"(meta.pkl) gives {model_args.get('vocab_size')}; resume with the dataset it was "
             "trained on"
         )
-    for key in ("tokenizer", "encoding", "itos"):  # the same size is not the same tokenizer
+    for key in ("tokenizer", "encoding", "itos", "tokenizer_json"):  # by content, not size
         if isinstance(meta, dict) and dataset_meta and meta.get(key) != dataset_meta.get(key):
             raise CheckpointError(
                 f"{path}: the checkpoint's tokenizer is not this dataset's (meta.pkl differs in "

@@ -20,19 +20,15 @@ from safetensors.torch import save_file
 
 from ml_playground.errors import ConfigError
 from ml_playground.files import fsync_dir, temporary_name
+from ml_playground.prepare.tokenizers import GPT2_FILES, HF_FILES
 from ml_playground.sampling import load_model
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BIASED = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-GPT2_FILES = {  # tiktoken's own copies of GPT-2's BPE files, as transformers names them
-    "vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-    "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-}
-CONFIG, WEIGHTS, TOKENIZER_CONFIG, CHARS = (
-    "config.json", "model.safetensors", "tokenizer_config.json", "char_vocab.json"
-)  # fmt: skip
-# Every name an export writes: --force replaces a folder that holds nothing else.
-EXPORT_FILES = (CONFIG, WEIGHTS, *GPT2_FILES, TOKENIZER_CONFIG, CHARS)
+CONFIG, WEIGHTS, CHARS = "config.json", "model.safetensors", "char_vocab.json"
+# Every name an export writes (the weights, and each tokenizer kind's files): --force replaces
+# a folder that holds nothing else.
+EXPORT_FILES = (CONFIG, WEIGHTS, *GPT2_FILES, *HF_FILES, CHARS)
 
 
 def hf_weights(weights: dict[str, torch.Tensor], n_layer: int, vocab: int) -> dict[str, Any]:
@@ -85,7 +81,7 @@ def export(ckpt: str, dirpath: Path, dataset_dir: Path, output: Path, force: boo
     check_output(output, force)  # before the model is read: a refusal costs nothing
     path, model, tokenizer, meta = load_model(ckpt, dirpath, dataset_dir)
     vocab = tokenizer.vocab_size
-    files = tokenizer_files(meta, model.config.block_size)
+    files = tokenizer.export_files(model.config.block_size)
     keys = ("block_size", "n_embd", "n_layer", "n_head", "activation")
     args = {k: getattr(model.config, k) for k in keys}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -141,20 +137,3 @@ def check_output(output: Path, force: bool) -> None:
             f"export: --output {output} holds an earlier export; pass --force to replace it "
             "or choose another --output"
         )
-
-
-def tokenizer_files(meta: dict[str, Any], context: int) -> dict[str, bytes]:
-    """The tokenizer as files beside the weights (read before anything is written)."""
-    if meta.get("tokenizer") == "tiktoken" and meta.get("encoding") in ("gpt2", "r50k_base"):
-        from tiktoken.load import read_file_cached  # tiktoken's cache, or its download
-
-        files = {name: read_file_cached(url) for name, url in GPT2_FILES.items()}
-        settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context}
-        settings |= {key: "<|endoftext|>" for key in ("bos_token", "eos_token", "unk_token")}
-        files[TOKENIZER_CONFIG] = json.dumps(settings, indent=2).encode()
-        return files
-    itos = meta.get("itos")
-    if isinstance(itos, dict):
-        chars = [itos[i] for i in range(len(itos))]
-        return {CHARS: json.dumps(chars, ensure_ascii=False).encode()}
-    return {}

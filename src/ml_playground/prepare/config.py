@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ml_playground.prepare.tokenizers import unknown_encoding
+from ml_playground.prepare.tokenizers import check_spec
 from ml_playground.sections import Section, Source
 
 Split = Literal["contiguous", "documents"]
@@ -26,8 +26,10 @@ class PrepareConfig(Section):
         pattern=r"^([0-9a-fA-F]{64})?$",
     )
     tokenizer: str = Field(
-        description='"char" (one token per character) or "tiktoken:<encoding>", e.g. tiktoken:gpt2',
-        pattern=r"^(char|tiktoken:[A-Za-z0-9_.-]+)$",
+        description='"char" (one token per character), "tiktoken:<encoding>" (e.g. '
+        'tiktoken:gpt2), "hf:<tokenizer.json, a folder holding one, or a hub id>" (any Hugging '
+        'Face fast tokenizer) or "bpe:<vocab_size>" (a byte-level BPE trained on the training '
+        "split; its tokenizer.json goes into meta.pkl)"
     )
     val_fraction: float = Field(
         description="share of the corpus held out for validation: the last part of the text "
@@ -62,11 +64,10 @@ class PrepareConfig(Section):
 
     @field_validator("tokenizer")
     @classmethod
-    def _known_encoding(cls, value: str) -> str:
+    def _known_tokenizer(cls, value: str) -> str:
         # Checked with the configuration (no download): a typo is a setting to fix, found
         # before any command works.
-        kind, _, name = value.partition(":")
-        if kind == "tiktoken" and (problem := unknown_encoding(name)):
+        if problem := check_spec(value):
             raise ValueError(problem)
         return value
 
@@ -74,9 +75,3 @@ class PrepareConfig(Section):
     @classmethod
     def _lower_case(cls, value: str) -> str:
         return value.lower()  # as hashlib writes it
-
-    @property
-    def encoding(self) -> str | None:
-        """The tiktoken encoding named by ``tokenizer``; None for "char"."""
-        kind, _, name = self.tokenizer.partition(":")
-        return name if kind == "tiktoken" else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ml_playground.errors import DataError
+from ml_playground.errors import ConfigError, DataError
 from ml_playground.prepare.artifacts import (
     artifacts_ready,
     dataset_meta,
@@ -18,15 +18,12 @@ from ml_playground.prepare.artifacts import (
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.prepare.sources import resolve_source
 from ml_playground.prepare.stream import prepare_corpus
-from ml_playground.prepare.tokenizers import TiktokenTokenizer
+from ml_playground.prepare.tokenizers import check_spec, spec_of
 
 
 def _check_same_settings(meta: dict, settings: PrepareConfig, where: Path) -> None:
-    encoding = settings.encoding
-    have = (meta.get("tokenizer"), meta.get("encoding") if encoding else None)
     hint = "pass --force to rebuild them or choose another data.dataset_dir"
-    if "tokenizer" in meta and have != ("char" if encoding is None else "tiktoken", encoding):
-        got = have[0] if have[1] is None else f"{have[0]}:{have[1]}"
+    if "tokenizer" in meta and (got := spec_of(meta)) != settings.tokenizer:
         raise DataError(
             f"{where} holds artifacts for tokenizer {got!r} but prepare.tokenizer is "
             f"{settings.tokenizer!r}; {hint}"
@@ -60,8 +57,10 @@ def run_prepare(
         meta = dataset_meta(dataset_dir)
         _check_same_settings(meta, settings, dataset_dir)
         return False, meta
-    encoding = settings.encoding
-    tokenizer = "char" if encoding is None else TiktokenTokenizer(encoding)
+    if problem := check_spec(settings.tokenizer):  # before any download or read
+        raise ConfigError(f"prepare.tokenizer: {problem}")
     files = resolve_source(settings.source, settings.source_sha256 or None)
-    meta = prepare_corpus(files, tokenizer, dataset_dir, settings, seed=seed, progress=progress)
+    meta = prepare_corpus(
+        files, settings.tokenizer, dataset_dir, settings, seed=seed, progress=progress
+    )
     return True, meta

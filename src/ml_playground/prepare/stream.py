@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from ml_playground.errors import DataError
 from ml_playground.prepare.artifacts import ArtifactWriter, TokenFile
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.prepare.sources import CorpusFile, corpus_file, iter_documents
-from ml_playground.prepare.tokenizers import CharTokenizer, TiktokenTokenizer
+from ml_playground.prepare.tokenizers import CharTokenizer, Tokenizer, build_tokenizer
 
 # --------------------------------------------------------------------------- progress
 
@@ -112,7 +112,7 @@ class _BpeStream:
 
     def __init__(
         self,
-        tokenizer: TiktokenTokenizer,
+        tokenizer: Tokenizer,
         sink: TokenFile,
         chunk_chars: int,
         threads: int,
@@ -159,51 +159,64 @@ class _BpeStream:
 
 
 class _CharStream:
-    """Maps characters to ids through the sorted code points of the vocabulary."""
+    """Encodes a char vocabulary's text as it comes (any cut is a safe cut)."""
 
-    def __init__(self, chars: Sequence[str], sink: TokenFile) -> None:
-        self.codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
-        self.sink = sink
+    def __init__(self, tokenizer: CharTokenizer, sink: TokenFile) -> None:
+        self.tokenizer, self.sink = tokenizer, sink
 
     def add(self, new_document: bool, text: str) -> None:
-        points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-        self.sink.write(np.searchsorted(self.codepoints, points))
+        self.sink.write(self.tokenizer.encode_array(text))
 
     def finish(self) -> None:
         pass
 
 
+def _training_pieces(
+    routed: Iterable[tuple[int, bool, str]], piece_chars: int
+) -> Iterator[str]:
+    """The training split's text in pieces cut only where tokens do not change (a BPE is
+    trained on the pre-tokens it will see, whatever chunk_bytes is)."""
+    buffer = ""
+    for index, new, text in routed:
+        if index != 0:
+            continue
+        if new and buffer:
+            yield from cut_pieces(buffer, piece_chars, final=True)[0]
+            buffer = ""
+        pieces, buffer = cut_pieces(buffer + text, piece_chars, final=False)
+        yield from pieces
+    if buffer:
+        yield from cut_pieces(buffer, piece_chars, final=True)[0]
+
+
 # --------------------------------------------------------------------------- the preparer
 
 
-def _route(
-    documents: Iterable[tuple[bool, str]],
-    streams: Sequence[_BpeStream | _CharStream],
-    split: str,
-    cut: int,
-    val_docs: np.ndarray,
-) -> None:
+def _split(
+    documents: Iterable[tuple[bool, str]], split: str, cut: int, val_docs: np.ndarray
+) -> Iterator[tuple[int, bool, str]]:
+    """``(split index, starts_document, text)``: 0 trains, 1 validates."""
     doc, pos = -1, 0
     for new, text in documents:
         doc += new
         if split == "documents":
-            streams[int(val_docs[doc])].add(new, text)
+            yield int(val_docs[doc]), new, text
             continue
         end = pos + len(text)
         if end <= cut:
-            streams[0].add(new, text)
+            yield 0, new, text
         elif pos >= cut:
-            streams[1].add(new, text)
+            yield 1, new, text
         else:
             k = cut - pos
-            streams[0].add(new, text[:k])
-            streams[1].add(False, text[k:])
+            yield 0, new, text[:k]
+            yield 1, False, text[k:]
         pos = end
 
 
 def prepare_corpus(
     sources: Sequence[CorpusFile | Path],
-    tokenizer: str | TiktokenTokenizer,
+    tokenizer: str | Tokenizer,
     out_dir: Path,
     settings: PrepareConfig,
     *,
@@ -211,8 +224,9 @@ def prepare_corpus(
     progress: bool = False,
 ) -> dict:
     """Tokenize ``sources`` (in order) into ``out_dir`` as ``settings`` say, streaming; return the
-    meta written to ``meta.pkl``. ``settings.tokenizer`` is not read: ``tokenizer`` is "char" or
-    a tiktoken tokenizer; ``seed`` draws the validation documents of ``split = "documents"``."""
+    meta written to ``meta.pkl``. ``settings.tokenizer`` is not read: ``tokenizer`` is a
+    `prepare.tokenizer` value (built by the registry once the corpus is scanned) or a
+    tokenizer; ``seed`` draws the validation documents of ``split = "documents"``."""
     files = [corpus_file(item) for item in sources]
     source, split, val_fraction = settings.source, settings.split, settings.val_fraction
     separator, chunk_bytes = settings.document_separator, settings.chunk_bytes
@@ -225,16 +239,14 @@ def prepare_corpus(
         "max_documents": settings.max_documents,
     }
 
-    # Pass 1: characters, documents and (for char) the vocabulary.
+    # Pass 1: characters, documents and the character vocabulary.
     n_chars = n_docs = 0
     chars: set[str] = set()
-    is_char = tokenizer == "char"
     with _bar("prepare: scanning", total_bytes, progress) as scan:
         for new, text in iter_documents(files, separator, chunk_bytes, scan.update, **read):
             n_docs += new
             n_chars += len(text)
-            if is_char:
-                chars.update(text)
+            chars.update(text)
     if n_chars == 0:
         raise DataError(f"{source} is empty; give a non-empty UTF-8 text corpus")
 
@@ -251,33 +263,39 @@ def prepare_corpus(
         val_docs = np.zeros(n_docs, dtype=bool)
         val_docs[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
 
+    def training_texts() -> Iterator[str]:  # a pass of its own, for a tokenizer to learn
+        documents = iter_documents(files, separator, chunk_bytes, **read)
+        yield from _training_pieces(_split(documents, split, cut, val_docs), chunk_bytes)
+
+    tok = (
+        tokenizer
+        if isinstance(tokenizer, Tokenizer)
+        else build_tokenizer(tokenizer, sorted(chars), training_texts)
+    )
+
     # Pass 2: tokenize into the growing token files.
-    if isinstance(tokenizer, TiktokenTokenizer):
-        tok_meta, vocab_size = tokenizer.meta(), tokenizer.vocab_size
-    else:
-        char_tok = CharTokenizer(sorted(chars))
-        tok_meta, vocab_size = char_tok.meta(), char_tok.vocab_size
     with (
-        ArtifactWriter(Path(out_dir), vocab_size) as writer,
+        ArtifactWriter(Path(out_dir), tok.vocab_size) as writer,
         _bar("prepare: tokenizing", total_bytes, progress) as bar,
     ):
         sinks = (writer.train, writer.val)
         streams: list[_BpeStream | _CharStream]
-        if isinstance(tokenizer, TiktokenTokenizer):
-            streams = [_BpeStream(tokenizer, sink, chunk_bytes, threads) for sink in sinks]
+        if isinstance(tok, CharTokenizer):  # any cut is safe, and numpy encodes it
+            streams = [_CharStream(tok, sink) for sink in sinks]
         else:
-            streams = [_CharStream(sorted(chars), sink) for sink in sinks]
+            streams = [_BpeStream(tok, sink, chunk_bytes, threads) for sink in sinks]
 
         def on_bytes(n: int) -> None:
             bar.set_postfix_str(f"{writer.train.count + writer.val.count:,} tokens", refresh=False)
             bar.update(n)
 
         documents = iter_documents(files, separator, chunk_bytes, on_bytes, **read)
-        _route(documents, streams, split, cut, val_docs)
+        for index, new, text in _split(documents, split, cut, val_docs):
+            streams[index].add(new, text)
         for stream in streams:
             stream.finish()
         on_bytes(0)
-        meta = {**tok_meta, "split": split, "source": str(settings.source)}
+        meta = {**tok.meta(), "split": split, "source": str(settings.source)}
         meta["val_fraction"] = val_fraction
         if split == "documents":
             meta.update(
