@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,46 @@ def test_gpt2_bpe_run_exports_a_folder_pipeline_reads(
     generate = pipeline("text-generation", model=str(out))
     text = generate("the king", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("the king") and len(text) > len("the king")
+
+
+def test_a_bpe_trained_here_travels_to_transformers(
+    tmp_path: Path, make_experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bpe:512` on tinyshakespeare (the test corpus when ../shared is absent) -> fit -> sample
+    -> export: AutoTokenizer decodes val.bin back to the corpus text, and greedy generation in
+    transformers equals our greedy `sample`, with the dataset folder gone."""
+    from transformers import AutoTokenizer
+
+    from ml_playground.prepare import load_tokens, read_meta
+
+    corpus = SHARED / "tinyshakespeare" / "input.txt"
+    config = make_experiment(tmp_path)
+    data = tmp_path / "bpe"
+    flags = ["--prepare.tokenizer", "bpe:512", "--data.dataset_dir", str(data)]
+    if corpus.is_file():
+        flags += ["--prepare.source", str(corpus)]
+    assert cli.main(["prepare", "--config", str(config), *flags]) == 0
+    meta = read_meta(data / "meta.pkl")
+    assert meta["tokenizer"] == "hf" and meta["spec"] == "bpe:512" and meta["vocab_size"] == 512
+    ckpt = fit(config, tmp_path, *flags, "--data.block_size", "8", "--model.block_size", "32")
+    out = tmp_path / "hf"
+    assert cli.main(["export", "--config", str(config), *flags, "--ckpt_path", "last",
+                     "--checkpointing.dirpath", str(ckpt), "--output", str(out)]) == 0  # fmt: skip
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    text = corpus.read_text(encoding="utf-8") if corpus.is_file() else None
+    theirs = AutoTokenizer.from_pretrained(str(out))
+    val = load_tokens(data / "val.bin", meta["dtype"]).tolist()
+    if text is not None:  # contiguous split: val.bin is the corpus's last 10%
+        assert theirs.decode(val) == text[int(len(text) * 0.9) :]
+    shutil.rmtree(data)  # sample and export need the checkpoint alone
+    capsys.readouterr()
+    prompt = "ROMEO:"
+    assert cli.main(["sample", "--config", str(config), *flags, "--sample.ckpt", "last",
+                     "--checkpointing.dirpath", str(ckpt), "--sample.prompt", prompt,
+                     "--sample.temperature", "0", "--sample.num_samples", "1",
+                     "--sample.max_new_tokens", "12"]) == 0  # fmt: skip
+    ours = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")[0]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = theirs(prompt, return_tensors="pt").input_ids
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert theirs.decode(greedy[0]) == ours

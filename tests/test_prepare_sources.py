@@ -263,3 +263,18 @@ def test_the_hub_while_offline_says_how_to_work_offline(
     )
     assert code == 1 and "cannot reach hf://datasets/HuggingFaceFW/fineweb-edu/x/*.parquet" in line
     assert "without network, download the files once" in line, line
+
+
+def test_tokenizers_of_our_own_fail_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bpe: vocabulary the data cannot fill, a corrupted tokenizer.json, a bpe: too small."""
+    monkeypatch.chdir(tmp_path)
+    source = as_jsonl(tmp_path / "c.jsonl", ["the king and the queen"] * 3)
+    code, line = prepare_line(tmp_path, source, capsys, "--prepare.tokenizer", "bpe:5000")
+    assert code == 1 and "bpe:5000: the training split has only enough distinct text" in line
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab"', "utf-8")
+    code, line = prepare_line(tmp_path, source, capsys, "--prepare.tokenizer", "hf:tokenizer.json")
+    assert code == 1 and "not a readable tokenizer.json" in line, line
+    code, line = prepare_line(tmp_path, source, capsys, "--prepare.tokenizer", "bpe:100")
+    assert code == 2 and "bpe:100: a byte-level BPE has from 257 tokens" in line, line
