@@ -47,7 +47,8 @@ files = sorted(Path(args["corpus"]).glob("*.txt"))
 settings = PrepareConfig(
     source=args["corpus"], source_sha256="", val_fraction=0.1, document_separator="",
     tokenizer="char" if char else "tiktoken:" + args["tokenizer"], split=args["split"],
-    chunk_bytes=args["chunk_bytes"], num_threads=args["threads"])
+    chunk_bytes=args["chunk_bytes"], num_threads=args["threads"], text_field="text",
+    max_documents=0)
 start = time.perf_counter()
 meta = {"train_tokens": 0, "val_tokens": 0}
 if not args["baseline"]:
