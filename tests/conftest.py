@@ -20,6 +20,16 @@ from typing import Any
 
 import pytest
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cold: signals and DDP ranks, where how a process starts matters: .ci/run runs these "
+        "tests again with ML_PLAYGROUND_TEST_COLD=1 (a fresh `python -m ml_playground` per "
+        "command instead of a fork of tests/cli_server.py)",
+    )
+
+
 WORDS = [
     *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "king"),
     *("and", "queen", "speak", "of", "love", "war", "night", "day", "sword", "crown"),

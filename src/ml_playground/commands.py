@@ -113,6 +113,24 @@ def export(app: App, ckpt_path: str = "best", output: str = "", force: bool = Fa
     export_folder(app.experiment, ckpt_path, output, force)
 
 
+def evaluate(app: App, ckpt_path: str = "best") -> None:
+    """Score a model on HellaSwag in completion style, as build-nanogpt does: acc, acc_norm.
+
+    Args:
+        ckpt_path: the model to score: best (the default), last, a checkpoint file, a Hugging
+            Face folder or a hub id (gpt2 scores OpenAI's GPT-2)
+    """
+    from ml_playground.evaluation import evaluate as score
+    from ml_playground.sections import CheckpointRef
+
+    cfg = app.experiment
+    try:
+        which = CheckpointRef.parse(ckpt_path)  # as sample.ckpt reads it
+    except ValueError as exc:
+        raise ConfigError(f"evaluate: --ckpt_path: {exc}") from None
+    score(cfg.evaluate, which, cfg.checkpointing.dirpath, cfg.data.dataset_dir, cfg.trainer)
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[..., None]
@@ -129,6 +147,7 @@ COMMANDS: dict[str, Command] = {
     "sample": Command(sample, SAMPLE),
     "loop": Command(loop, TRAIN, builds_model=True),  # its sampling adds the sample overrides
     "export": Command(export),
+    "evaluate": Command(evaluate),
 }
 EPILOG = (
     f"Settings come from, lowest first: the packaged defaults, each --config file, the JSON "

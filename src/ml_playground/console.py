@@ -37,10 +37,18 @@ class RunResult:
 
 
 class ReportValidation(pl.Callback):
-    """One line per validation, as nanoGPT prints them, kept in the terminal's history."""
+    """One line per validation, as nanoGPT prints them, kept in the terminal's history. Scores
+    of the same step (HellaSwag's, `add_scores`) join its line; a step scored without a
+    validation gets a line of its own."""
 
     def __init__(self) -> None:
         self._since: tuple[int, float] | None = None
+        self._scores: tuple[int, dict[str, float]] | None = None  # not printed yet
+
+    def add_scores(self, step: int, scores: dict[str, float]) -> None:
+        """Figures of `step`, printed with its validation's line (or alone, before the next
+        step starts)."""
+        self._scores = (step, scores)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._since = (trainer.global_step, time.perf_counter())
@@ -55,17 +63,39 @@ class ReportValidation(pl.Callback):
             for name in ("train/loss", "val/loss")
             if name in metrics
         ]
+        parts += self._take_scores(trainer.global_step)
         step0, t0 = self._since
         if trainer.global_step > step0:
             ms = 1000 * (time.perf_counter() - t0) / (trainer.global_step - step0)
             parts.append(f"({ms:.1f} ms/step)")
+        self._print(trainer, " ".join(parts))
+        self._since = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._print_scores_alone(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._print_scores_alone(trainer)
+
+    def _take_scores(self, step: int) -> list[str]:
+        if self._scores is None or self._scores[0] != step:
+            return []
+        scores, self._scores = self._scores[1], None
+        return [f"{name} {value:.4f}" for name, value in scores.items()]
+
+    def _print_scores_alone(self, trainer: pl.Trainer) -> None:
+        if self._scores is not None and trainer.is_global_zero:
+            step = self._scores[0]
+            self._print(trainer, " ".join([f"step {step}:", *self._take_scores(step)]))
+        self._scores = None
+
+    @staticmethod
+    def _print(trainer: pl.Trainer, line: str) -> None:
         bar = trainer.progress_bar_callback
-        line = " ".join(parts)
         if bar is not None and hasattr(bar, "print"):
             bar.print(line)
         else:
             print(line, flush=True)
-        self._since = (trainer.global_step, time.perf_counter())
 
 
 def run_result(trainer: pl.Trainer, cfg: ExperimentConfig) -> RunResult:

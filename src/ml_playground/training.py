@@ -36,6 +36,7 @@ from ml_playground.checkpoint_writing import AtomicCheckpointIO
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError
+from ml_playground.evaluation import HellaSwag
 from ml_playground.files import fsync_dir, write_atomic
 from ml_playground.interrupts import StopBetweenSteps
 from ml_playground.locking import FolderLock
@@ -201,14 +202,17 @@ def project_callbacks(
 ) -> list[pl.Callback]:
     """The callbacks every run has, beside the checkpoint policy and the user's own."""
     ckpt = cfg.checkpointing
+    report = console.ReportValidation()
     callbacks: list[pl.Callback] = [
         StopBetweenSteps(),
         RandomState(),
         FiniteWeights(),
-        console.ReportValidation(),
+        report,
         TextSample(datamodule.meta),
         HparamsSummary(cfg.model_dump(mode="json"), ckpt.metric),
     ]
+    if cfg.evaluate.every_n_steps > 0:
+        callbacks.append(HellaSwag(cfg.evaluate, datamodule.meta, report.add_scores))
     if ckpt.patience > 0:
         callbacks.append(
             EarlyStopping(monitor=ckpt.metric, mode=ckpt.mode, patience=ckpt.patience, strict=True)

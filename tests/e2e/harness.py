@@ -31,6 +31,7 @@ LAST_RE = re.compile(r"ckpt_last_\d{8}\.pt")
 BEST_RE = re.compile(r"ckpt_best_\d{8}_val_loss=\d+\.\d{4}\.pt")
 
 Result = subprocess.CompletedProcess
+Cli = Callable[..., Result]  # conftest.py's `cli` and `cli_in_process`
 
 
 # --------------------------------------------------------------------------- a command's outcome

@@ -4,6 +4,8 @@ Every run uses the tiny experiment of conftest.py in its own temporary folder. S
 with torch and Lightning costs several seconds per command, so the module trains one run up
 front (`trained`) and starts the independent commands of all tests at once in a small pool
 (`jobs`, as many workers as CPUs); each test then checks the outcome of its own commands.
+The user errors, whose outcome is one line and an exit code, run in-process instead
+(`cli_in_process`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import re
 import shutil
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from e2e.harness import (
     QUIET,
     SAMPLE_ENV,
     TRAIN_ENV,
+    Cli,
     JobPool,
     Result,
     Trained,
@@ -61,11 +64,7 @@ def same_path(a: str | Path, b: str | Path) -> bool:
 # --------------------------------------------------------------------------- fixtures
 
 
-@dataclass(kw_only=True)
-class Context(harness.Context):
-    errors: ErrorSetup
-
-
+Context = harness.Context
 JOBS = JobPool()
 job = JOBS.job
 
@@ -75,10 +74,7 @@ def jobs(trained, cli, tmp_path_factory, make_experiment) -> Iterator[JobPool]:
     def mktemp(name: str) -> Path:
         return tmp_path_factory.mktemp(name).resolve()
 
-    errors = setup_errors(mktemp("errors"), trained)
-    context = Context(
-        trained=trained, cli=cli, mktemp=mktemp, make_experiment=make_experiment, errors=errors
-    )
+    context = Context(trained=trained, cli=cli, mktemp=mktemp, make_experiment=make_experiment)
     longest = ("resume_and_validate", "loop_fresh", "print_config_round_trip")
     with JOBS.running(context, first=longest) as pool:
         yield pool
@@ -349,46 +345,48 @@ ERROR_NAMES = (
 
 @dataclass
 class ErrorSetup:
-    """The folder the error cases run in, what was written there first, and the cases."""
+    """The folder the error cases run in, what was written there first, the cases, and the
+    outcomes of those run so far (each case runs once, in the first test that needs it)."""
 
     folder: Path
     written: set[str]
     cases: dict[str, ErrorCase]
+    results: dict[str, Result] = field(default_factory=dict)
+
+    def result(self, name: str, cli_in_process: Cli) -> Result:
+        if name not in self.results:
+            case = self.cases[name]
+            self.results[name] = cli_in_process(
+                *case.args, cwd=self.folder, env=case.env, check=False
+            )
+        return self.results[name]
 
 
-def setup_errors(folder: Path, trained: Trained) -> ErrorSetup:
+@pytest.fixture(scope="module")
+def errors(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> ErrorSetup:
+    folder = tmp_path_factory.mktemp("errors").resolve()
     cases = error_cases(folder, trained)
     assert sorted(cases) == sorted(ERROR_NAMES)
     return ErrorSetup(folder, {str(p.relative_to(folder)) for p in folder.rglob("*")}, cases)
 
 
-def run_error_case(name: str) -> Callable[[Context], Result]:
-    def run(ctx: Context) -> Result:
-        case = ctx.errors.cases[name]
-        return ctx.cli(*case.args, cwd=ctx.errors.folder, env=case.env, check=False)
-
-    return run
-
-
-JOBS.jobs.update({f"error:{name}": run_error_case(name) for name in ERROR_NAMES})
-
-
 @pytest.mark.parametrize("name", ERROR_NAMES)
-def test_user_error_is_one_clear_line(name: str, jobs: JobPool) -> None:
-    case = jobs.context.errors.cases[name]
-    assert_one_error_line(jobs[f"error:{name}"], case.exit_code, *case.mentions)
+def test_user_error_is_one_clear_line(name: str, errors: ErrorSetup, cli_in_process: Cli) -> None:
+    case = errors.cases[name]
+    assert_one_error_line(errors.result(name, cli_in_process), case.exit_code, *case.mentions)
 
 
-def test_prompt_error_names_the_setting(jobs: JobPool) -> None:
-    result = jobs["error:prompt_outside_vocabulary"]
+def test_prompt_error_names_the_setting(errors: ErrorSetup, cli_in_process: Cli) -> None:
+    result = errors.result("prompt_outside_vocabulary", cli_in_process)
     assert result.returncode != 0
     assert "sample.prompt" in result.stderr
 
 
-def test_user_errors_damage_and_create_nothing(trained: Trained, jobs: JobPool) -> None:
-    results = [jobs[f"error:{name}"] for name in ERROR_NAMES]  # wait for all of them
+def test_user_errors_damage_and_create_nothing(
+    trained: Trained, errors: ErrorSetup, cli_in_process: Cli
+) -> None:
+    results = [errors.result(name, cli_in_process) for name in ERROR_NAMES]
     assert len(results) == len(ERROR_NAMES)
-    errors = jobs.context.errors
     # The failed runs created no folders (data, checkpoints, logs) where they ran ...
     assert {str(p.relative_to(errors.folder)) for p in errors.folder.rglob("*")} == errors.written
     # ... and the fresh fit into a folder with checkpoints left the earlier run untouched.

@@ -1,18 +1,75 @@
-"""DDP with 2 CPU processes (gloo): one machine, resume, and two "nodes" on one machine."""
+"""DDP with 2 CPU processes (gloo): one machine, resume, and two "nodes" on one machine.
+
+The ranks start in one of the two ways a user starts them. `--trainer.devices 2` in one
+command: Lightning's launcher in rank 0 starts rank 1 as a fresh `python -m ml_playground`
+(a few seconds of imports). Or one command per rank with the rendezvous variables set, as
+torchrun, SLURM or a user by hand starts them (`two_ranks`): each of those forks warm from
+tests/cli_server.py, so most tests here start their ranks that way.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from e2e.harness import Trained, free_port
+from e2e.harness import Result, Trained, free_port
 from ml_playground.checkpoint_reading import LAST_PATTERN
 
+pytestmark = pytest.mark.cold  # .ci/run runs these with fresh processes too
+
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+
+
+def start_ranks(
+    cli, args: Sequence[str | Path], cwd: Path, nodes: int, devices: int,
+    env: dict[str, str] | None = None, rank0_file_size_limit: int | None = None,
+) -> list[Any]:  # fmt: skip
+    """`ARGS --trainer.num_nodes N --trainer.devices D` (DDP on CPUs) once per rank, rank 0
+    first, each started on its own with the variables Lightning's launcher gives the ranks it
+    starts (and the README's multi-node section sets by hand); LOCAL_RANK tells Lightning that
+    the processes were started for it. Returns the running processes."""
+    port = str(free_port())
+    flags = ("--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+             "--trainer.num_nodes", str(nodes), "--trainer.devices", str(devices))  # fmt: skip
+    procs = []
+    for rank in range(nodes * devices):
+        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                      "NODE_RANK": str(rank // devices), "LOCAL_RANK": str(rank % devices),
+                      "WORLD_SIZE": str(nodes * devices)}  # fmt: skip
+        limit = rank0_file_size_limit if rank == 0 else None
+        procs.append(cli.start(*args, *flags, cwd=cwd, env=(env or {}) | rendezvous,
+                               file_size_limit=limit, stdout=True))  # fmt: skip
+    return procs
+
+
+def outputs_of(procs: list[Any]) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr) once it ended; kills those still running after 240 s."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=240))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
+def two_ranks(cli, *args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> Result:
+    """ARGS on two ranks of this machine, started one by one (`start_ranks`), as one outcome:
+    every rank must succeed; stdout and stderr are rank 0's then rank 1's, as the one command
+    `ARGS --trainer.devices 2` would show them (its ranks share its output)."""
+    procs = start_ranks(cli, args, cwd, nodes=1, devices=2, env=env)
+    outputs = outputs_of(procs)
+    stdout, stderr = ("".join(streams) for streams in zip(*outputs, strict=True))
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    return Result([*map(str, args), *DDP], 0, stdout, stderr)
 
 
 def traces(folder: Path) -> dict[int, list[tuple[int, int, int]]]:
@@ -32,6 +89,7 @@ def names(folder: Path) -> list[str]:
 def test_ddp_two_processes_different_batches_rank0_writes(
     tmp_path, make_experiment, cli, batch_trace
 ) -> None:
+    """The README's one-machine command: Lightning's launcher starts rank 1 (a fresh process)."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
     trace = tmp_path / "trace"
@@ -60,9 +118,9 @@ def test_ddp_two_processes_different_batches_rank0_writes(
 def test_ddp_resume(tmp_path, make_experiment, cli) -> None:
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
-    cli("fit", "--config", config, *DDP, "--trainer.max_steps", "10", cwd=tmp_path)
-    result = cli("fit", "--config", config, *DDP, "--ckpt_path", "last",
-                 "--trainer.max_steps", "20", cwd=tmp_path)  # fmt: skip
+    two_ranks(cli, "fit", "--config", config, "--trainer.max_steps", "10", cwd=tmp_path)
+    result = two_ranks(cli, "fit", "--config", config, "--ckpt_path", "last",
+                   "--trainer.max_steps", "20", cwd=tmp_path)  # fmt: skip
     assert "ckpt_last_00000020.pt" in result.stdout
     steps = sorted(
         int(m.group(1)) for p in (tmp_path / "ckpt").iterdir() if (m := LAST_PATTERN.match(p.name))
@@ -75,24 +133,9 @@ def run_two_nodes(
 ) -> tuple[list[Any], list[tuple[str, str]]]:
     """`fit` as two one-process "nodes" on localhost, started separately (as torchrun or
     SLURM would). Returns the processes and their (stdout, stderr)."""
-    port = str(free_port())
-    args = ["fit", "--config", config, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
-            "--trainer.num_nodes", "2", "--trainer.devices", "1"]  # fmt: skip
-    procs = []
-    for node in (0, 1):
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node),
-               "LOCAL_RANK": "0", "WORLD_SIZE": "2"}  # fmt: skip
-        limit = node0_file_size_limit if node == 0 else None
-        procs.append(cli.start(*args, cwd=folder, env=env, file_size_limit=limit, stdout=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return procs, outputs
+    procs = start_ranks(cli, ["fit", "--config", config], folder, nodes=2, devices=1,
+                        rank0_file_size_limit=node0_file_size_limit)  # fmt: skip
+    return procs, outputs_of(procs)
 
 
 def test_two_nodes_on_one_machine(tmp_path, make_experiment, cli) -> None:
@@ -125,7 +168,8 @@ def processes_mentioning(marker: str) -> list[int]:
 
 def test_failure_on_rank0_alone_stops_the_ranks_it_started(tmp_path, make_experiment, cli) -> None:
     """Only rank 0 writes checkpoints; when that fails, rank 1 must not be left waiting in a
-    collective (under NCCL until the process-group timeout), nor print a traceback."""
+    collective (under NCCL until the process-group timeout), nor print a traceback. Rank 1 is
+    started by Lightning's launcher in rank 0, as `--trainer.devices 2` does."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
     ckpt = tmp_path / "ckpt-rank0-fails"
@@ -161,9 +205,9 @@ def test_ddp_with_an_unsynced_metric_decides_best_on_rank0(tmp_path, make_experi
     would enter the collective checkpoint write and the run would hang."""
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
-    cli("fit", "--config", config, *DDP, "--checkpointing.metric", "train/loss",
-        "--checkpointing.keep.best", "20", "--trainer.max_steps", "12",
-        "--trainer.val_check_interval", "1", cwd=tmp_path)  # fmt: skip
+    two_ranks(cli, "fit", "--config", config, "--checkpointing.metric", "train/loss",
+          "--checkpointing.keep.best", "20", "--trainer.max_steps", "12",
+          "--trainer.val_check_interval", "1", cwd=tmp_path)  # fmt: skip
     best = [n for n in names(tmp_path / "ckpt") if n.startswith("ckpt_best")]
     assert best and all("train_loss=" in n for n in best)
 
@@ -177,9 +221,11 @@ def test_val_loss_does_not_depend_on_the_number_of_processes(
     ckpt = trained.ckpt / "ckpt_last_00000020.pt"  # read only: logs go to tmp_path
     shape = ("--data.batch_size", batch_size, "--data.val_batches", "3")
     values = []
-    for flags in ((), DDP):
-        out = cli("validate", *trained.fit_flags(tmp_path), *shape, *flags, "--ckpt_path", ckpt,
-                  cwd=tmp_path).stdout  # fmt: skip
+    validate = ("validate", *trained.fit_flags(tmp_path), *shape, "--ckpt_path", ckpt)
+    for out in (
+        cli(*validate, cwd=tmp_path).stdout,  # one process
+        two_ranks(cli, *validate, cwd=tmp_path).stdout,
+    ):
         found = re.search(r"^val/loss: (\d+\.\d+)$", out, re.M)
         assert found, out
         values.append(float(found.group(1)))

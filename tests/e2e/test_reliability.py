@@ -1,14 +1,17 @@
-"""Bad input, faults and untrusted files through the real console script (issue 8).
+"""Bad input, faults and untrusted files through the real console script.
 
 Every row of docs/reliability.md that is about the CLI and not already covered by
-tests/e2e/test_cli.py runs here as `python -m ml_playground ...` in a subprocess. One tiny run
-is trained up front (`trained`); the independent commands then start together in a small pool
-(`runs`) and each test checks the outcome of its own. Set RELIABILITY_MESSAGES_OUT=FILE to
-collect what each case printed (the docs table quotes it).
+tests/e2e/test_cli.py runs here. One tiny run is trained up front (`trained`). A row where the
+process matters (it trains, is killed or limited, writes where it may not) runs as
+`python -m ml_playground ...` in a subprocess: those commands start together in a small pool
+(`runs`) and each test checks the outcome of its own. A row that only parses and checks its
+input (`in_process=True`) runs `ml_playground.cli.main` in the test itself. Set
+RELIABILITY_MESSAGES_OUT=FILE to collect what each case printed (the docs table quotes it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -38,6 +41,7 @@ from e2e import harness
 from e2e.harness import (
     QUIET,
     TRAIN_ENV,
+    Cli,
     JobPool,
     Result,
     Trained,
@@ -137,7 +141,10 @@ def runs(trained, cli, tmp_path_factory, make_experiment, corpus_server) -> Iter
     unwritable.cleanup()
     out = os.environ.get(MESSAGES_ENV)
     if out:
-        collected = {}
+        collected = {
+            name: [{"exit": r.returncode, "stderr": r.stderr, "stdout": r.stdout[-400:]}]
+            for name, r in context.notes.get("in_process", {}).items()
+        }
         for name, future in JOBS.futures.items():
             if future.done() and not future.cancelled() and future.exception() is None:
                 value = future.result()
@@ -157,15 +164,21 @@ def runs(trained, cli, tmp_path_factory, make_experiment, corpus_server) -> Iter
 class Row:
     exit_code: int | None  # None: any non-zero code
     mentions: tuple[str, ...]
+    run: Callable[[Context], Any]
+    in_process: bool
 
 
 ROWS: dict[str, Row] = {}
 
 
-def row(exit_code: int | None, *mentions: str) -> Callable:
+def row(exit_code: int | None, *mentions: str, in_process: bool = False) -> Callable:
+    """A row of docs/reliability.md: the command (a function of the Context) ends with
+    `exit_code` and one error line naming each of `mentions`. It runs in the pool of `runs`,
+    or, `in_process`, in its test (`ctx.cli` is then conftest.py's `cli_in_process`)."""
+
     def register(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
-        ROWS[fn.__name__] = Row(exit_code, mentions)
-        return job(fn)
+        ROWS[fn.__name__] = Row(exit_code, mentions, fn, in_process)
+        return fn if in_process else job(fn)
 
     return register
 
@@ -173,26 +186,26 @@ def row(exit_code: int | None, *mentions: str) -> Callable:
 # config ---------------------------------------------------------------------------
 
 
-@row(2, "bad.toml", "not valid TOML")
+@row(2, "bad.toml", "not valid TOML", in_process=True)
 def not_toml(ctx: Context) -> Result:
     folder = ctx.mktemp("not_toml")
     (folder / "bad.toml").write_text("[model\nn_layer = 1\n", encoding="utf-8")
     return ctx.cli("fit", "--config", "bad.toml", cwd=folder, check=False)
 
 
-@row(2, "command line", "model.dropout = 1.5", "less than 1")
+@row(2, "command line", "model.dropout = 1.5", "less than 1", in_process=True)
 def value_out_of_range(ctx: Context) -> Result:
     folder = ctx.mktemp("out_of_range")
     return ctx.cli("fit", *ctx.fit_flags(folder), "--model.dropout", "1.5", cwd=folder, check=False)
 
 
-@row(2, "n_embd (15) must be divisible by n_head (2)")
+@row(2, "n_embd (15) must be divisible by n_head (2)", in_process=True)
 def n_embd_not_divisible(ctx: Context) -> Result:
     folder = ctx.mktemp("n_embd")
     return ctx.cli("fit", *ctx.fit_flags(folder), "--model.n_embd", "15", cwd=folder, check=False)
 
 
-@row(2, "data.block_size (32) exceeds the model's context model.block_size (16)")
+@row(2, "data.block_size (32) exceeds the model's context model.block_size (16)", in_process=True)
 def data_block_larger_than_model(ctx: Context) -> Result:
     folder = ctx.mktemp("block")
     return ctx.cli(
@@ -200,7 +213,7 @@ def data_block_larger_than_model(ctx: Context) -> Result:
     )
 
 
-@row(2, "warmup_steps (50) must not exceed lr_decay_steps (20)")
+@row(2, "warmup_steps (50) must not exceed lr_decay_steps (20)", in_process=True)
 def warmup_longer_than_decay(ctx: Context) -> Result:
     folder = ctx.mktemp("warmup")
     return ctx.cli(
@@ -208,7 +221,7 @@ def warmup_longer_than_decay(ctx: Context) -> Result:
     )
 
 
-@row(2, TRAIN_ENV, "model.n_layer")
+@row(2, TRAIN_ENV, "model.n_layer", in_process=True)
 def env_wrong_type(ctx: Context) -> Result:
     folder = ctx.mktemp("env_type")
     env = {TRAIN_ENV: json.dumps({"model": {"n_layer": "two"}})}
@@ -218,7 +231,12 @@ def env_wrong_type(ctx: Context) -> Result:
 # configuration shapes and LightningCLI habits ----------------------------------------
 
 
-@row(2, "arrays.toml: model: expected a table ([model]), got an array of tables", "[model]")
+@row(
+    2,
+    "arrays.toml: model: expected a table ([model]), got an array of tables",
+    "[model]",
+    in_process=True,
+)
 def array_of_tables_for_a_section(ctx: Context) -> Result:
     """Before: jsonargparse replaced the section with the defaults and trained on them."""
     folder = ctx.mktemp("array_of_tables")
@@ -227,27 +245,32 @@ def array_of_tables_for_a_section(ctx: Context) -> Result:
                    check=False)  # fmt: skip
 
 
-@row(2, TRAIN_ENV, "checkpointing.keep: expected a table ([checkpointing.keep]), got null")
+@row(
+    2,
+    TRAIN_ENV,
+    "checkpointing.keep: expected a table ([checkpointing.keep]), got null",
+    in_process=True,
+)
 def null_section_in_an_override(ctx: Context) -> Result:
     folder = ctx.mktemp("null_section")
     env = {TRAIN_ENV: json.dumps({"checkpointing": {"keep": None}})}
     return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, env=env, check=False)
 
 
-@row(2, TRAIN_ENV, "got null; expected a JSON object")
+@row(2, TRAIN_ENV, "got null; expected a JSON object", in_process=True)
 def null_override(ctx: Context) -> Result:
     folder = ctx.mktemp("null_override")
     return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, env={TRAIN_ENV: "null"}, check=False)
 
 
-@row(2, "--config comes before the command", "ml-playground fit --config")
+@row(2, "--config comes before the command", "ml-playground fit --config", in_process=True)
 def config_before_the_command(ctx: Context) -> Result:
     folder = ctx.mktemp("config_first")
     return ctx.cli("--config", ctx.trained.config, "fit", cwd=folder, check=False)
 
 
 @row(2, "callbacks.toml: trainer.callbacks: LearningRateMonitor has no argument "
-     "'logging_intervall' (did you mean logging_interval?)")  # fmt: skip
+     "'logging_intervall' (did you mean logging_interval?)", in_process=True)  # fmt: skip
 def callback_argument_typo(ctx: Context) -> Result:
     folder = ctx.mktemp("callback_typo")
     (folder / "callbacks.toml").write_text(
@@ -262,6 +285,7 @@ def callback_argument_typo(ctx: Context) -> Result:
 @row(
     2,
     "command line: trainer.logger: CSVLogger has no argument 'save_dirr' (did you mean save_dir?)",
+    in_process=True,
 )
 def logger_argument_typo(ctx: Context) -> Result:
     folder = ctx.mktemp("logger_typo")
@@ -269,7 +293,12 @@ def logger_argument_typo(ctx: Context) -> Result:
                    "--trainer.logger.save_dirr", "csv", cwd=folder, check=False)  # fmt: skip
 
 
-@row(2, "command line: trainer.callbacks: LearningRateMonitor logging_interval = stepp", "'step'")
+@row(
+    2,
+    "command line: trainer.callbacks: LearningRateMonitor logging_interval = stepp",
+    "'step'",
+    in_process=True,
+)
 def callback_bad_value(ctx: Context) -> Result:
     folder = ctx.mktemp("callback_value")
     return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.callbacks+=LearningRateMonitor",
@@ -280,6 +309,7 @@ def callback_bad_value(ctx: Context) -> Result:
     2,
     "trainer.callbacks = LearningRateMonitr: no callback class",
     "did you mean LearningRateMonitor",
+    in_process=True,
 )
 def unknown_callback_name(ctx: Context) -> Result:
     folder = ctx.mktemp("unknown_callback")
@@ -287,7 +317,12 @@ def unknown_callback_name(ctx: Context) -> Result:
                    cwd=folder, check=False)  # fmt: skip
 
 
-@row(2, "trainer.logger = TensorBoardLoger: no logger class", "did you mean TensorBoardLogger")
+@row(
+    2,
+    "trainer.logger = TensorBoardLoger: no logger class",
+    "did you mean TensorBoardLogger",
+    in_process=True,
+)
 def unknown_logger_name(ctx: Context) -> Result:
     folder = ctx.mktemp("unknown_logger")
     return ctx.cli("fit", *ctx.fit_flags(folder), "--trainer.logger", "TensorBoardLoger",
@@ -329,12 +364,12 @@ def without(ctx: Context, *names: str) -> Result:
     )  # fmt: skip
 
 
-@row(1, "missing val.bin", "ml-playground prepare")
+@row(1, "missing val.bin", "ml-playground prepare", in_process=True)
 def missing_val_bin(ctx: Context) -> Result:
     return without(ctx, "val.bin")
 
 
-@row(1, "missing meta.pkl, train.bin", "ml-playground prepare")
+@row(1, "missing meta.pkl, train.bin", "ml-playground prepare", in_process=True)
 def missing_meta_pkl_and_train_bin(ctx: Context) -> Result:
     """(Both token files without meta.pkl are nanoGPT's GPT-2 BPE layout: accepted.)"""
     return without(ctx, "meta.pkl", "train.bin")
@@ -377,17 +412,17 @@ def with_meta(ctx: Context, name: str, meta: object) -> Result:
     )  # fmt: skip
 
 
-@row(1, "meta.pkl holds a list, not a dict")
+@row(1, "meta.pkl holds a list, not a dict", in_process=True)
 def meta_not_a_dict(ctx: Context) -> Result:
     return with_meta(ctx, "meta_list", [1, 2, 3])
 
 
-@row(1, "meta.pkl lacks a positive int 'vocab_size'")
+@row(1, "meta.pkl lacks a positive int 'vocab_size'", in_process=True)
 def meta_without_vocab_size(ctx: Context) -> Result:
     return with_meta(ctx, "meta_novocab", {"itos": {0: "a"}, "stoi": {"a": 0}})
 
 
-@row(1, "train.bin", "not a multiple of 2")
+@row(1, "train.bin", "not a multiple of 2", in_process=True)
 def bin_not_a_multiple_of_the_dtype(ctx: Context) -> Result:
     folder = ctx.data_copy("odd_bin")
     with open(folder / "data" / "train.bin", "ab") as handle:
@@ -436,7 +471,7 @@ def no_network_no_cache(ctx: Context) -> Result:
 # checkpoints ------------------------------------------------------------------------
 
 
-@row(1, "notes.pt: not a readable checkpoint")
+@row(1, "notes.pt: not a readable checkpoint", in_process=True)
 def not_a_checkpoint(ctx: Context) -> Result:
     folder = ctx.mktemp("not_ckpt")
     (folder / "notes.pt").write_bytes(b"these are my notes, not a checkpoint\n" * 20)
@@ -446,7 +481,7 @@ def not_a_checkpoint(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(1, "ckpt_last_00000020.pt: vocabulary of 50 tokens", "gives 53")
+@row(1, "ckpt_last_00000020.pt: vocabulary of 50 tokens", "gives 53", in_process=True)
 def other_vocabulary(ctx: Context) -> Result:
     folder = ctx.data_copy("other_vocab")
     meta_path = folder / "data" / "meta.pkl"
@@ -472,7 +507,7 @@ def newer_checkpoint(ctx: Context, name: str) -> Path:
     return folder
 
 
-@row(1, "newer.pt: checkpoint format 99 is newer than this ml-playground supports")
+@row(1, "newer.pt: checkpoint format 99 is newer than this ml-playground supports", in_process=True)
 def newer_version_sample(ctx: Context) -> Result:
     folder = newer_checkpoint(ctx, "newer_sample")
     return ctx.cli(
@@ -481,7 +516,7 @@ def newer_version_sample(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(1, "nope.pt: checkpoint file not found")
+@row(1, "nope.pt: checkpoint file not found", in_process=True)
 def ckpt_path_does_not_exist(ctx: Context) -> Result:
     folder = ctx.mktemp("ckpt_path")
     return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "nope.pt", cwd=folder, check=False)
@@ -508,7 +543,7 @@ def last_named_after_a_later_step(ctx: Context) -> Result:
                    "40", cwd=folder, check=False)  # fmt: skip
 
 
-@row(1, "ckpt_best_00000030_", "its name says step 30 but it holds step 20")
+@row(1, "ckpt_best_00000030_", "its name says step 30 but it holds step 20", in_process=True)
 def misnamed_file_given_as_ckpt_path(ctx: Context) -> Result:
     folder = copied_run(ctx, "misnamed_file")
     best = next((folder / "ckpt").glob("ckpt_best_*.pt"))
@@ -524,13 +559,17 @@ def only_best_left(ctx: Context, name: str) -> Path:
     return folder
 
 
-@row(2, "already holds checkpoints", "resume it with --ckpt_path best")
+@row(2, "already holds checkpoints", "resume it with --ckpt_path best", in_process=True)
 def fresh_fit_with_only_best_left(ctx: Context) -> Result:
     folder = only_best_left(ctx, "only_best_fresh")
     return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, check=False)
 
 
-@row(1, "no ckpt_last_* checkpoint (checkpointing.keep.last may be 0); use --ckpt_path best")
+@row(
+    1,
+    "no ckpt_last_* checkpoint (checkpointing.keep.last may be 0); use --ckpt_path best",
+    in_process=True,
+)
 def resume_last_with_only_best_left(ctx: Context) -> Result:
     folder = only_best_left(ctx, "only_best_last")
     return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "last", cwd=folder, check=False)
@@ -561,7 +600,7 @@ def malicious_checkpoint(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-# settings found late (issue "Failures a real user meets", class 3) -------------------
+# settings found late ------------------------------------------------------------------
 
 
 @row(2, "Lightning refused the [trainer] settings", "gpu")
@@ -580,7 +619,7 @@ def batch_too_large_for_memory(ctx: Context) -> Result:
     )
 
 
-@row(1, "bomb.pt: refusing to load", "claim 50,000,000 bytes")
+@row(1, "bomb.pt: refusing to load", "claim 50,000,000 bytes", in_process=True)
 def checkpoint_zip_bomb(ctx: Context) -> Result:
     folder = ctx.mktemp("bomb")
     with zipfile.ZipFile(folder / "bomb.pt", "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -594,7 +633,7 @@ def checkpoint_zip_bomb(ctx: Context) -> Result:
 # sampling ---------------------------------------------------------------------------
 
 
-@row(2, "sample.max_new_tokens = 0", "greater than 0")
+@row(2, "sample.max_new_tokens = 0", "greater than 0", in_process=True)
 def max_new_tokens_zero(ctx: Context) -> Result:
     return ctx.cli(
         "sample", "--config", ctx.trained.config, "--sample.max_new_tokens", "0",
@@ -602,7 +641,7 @@ def max_new_tokens_zero(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(2, "sample.temperature = -0.5", "greater than or equal to 0")
+@row(2, "sample.temperature = -0.5", "greater than or equal to 0", in_process=True)
 def negative_temperature(ctx: Context) -> Result:
     return ctx.cli(
         "sample", "--config", ctx.trained.config, "--sample.temperature", "-0.5",
@@ -679,7 +718,7 @@ def train_bin_rewritten_as_uint32(ctx: Context) -> Result:
     return fit_on_changed_data(ctx, "train_bin_rewritten_as_uint32", rewrite_train_bin_as_uint32)
 
 
-@row(1, "train.bin: meta.pkl records", "truncated or replaced")
+@row(1, "train.bin: meta.pkl records", "truncated or replaced", in_process=True)
 def validate_on_a_truncated_train_bin(ctx: Context) -> Result:
     folder = ctx.data_copy("validate_truncated")
     truncate_train_bin(folder / "data")
@@ -689,7 +728,14 @@ def validate_on_a_truncated_train_bin(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(2, "prepare.tokenizer", "unknown tiktoken encoding 'nope'", "gpt2", "cl100k_base")
+@row(
+    2,
+    "prepare.tokenizer",
+    "unknown tiktoken encoding 'nope'",
+    "gpt2",
+    "cl100k_base",
+    in_process=True,
+)
 def unknown_tiktoken_encoding(ctx: Context) -> Result:
     folder = ctx.mktemp("nope_encoding")
     return ctx.cli(
@@ -698,14 +744,19 @@ def unknown_tiktoken_encoding(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(2, "checkpointing.dirpath", "ckpt is a file", "give the path of a folder")
+@row(2, "checkpointing.dirpath", "ckpt is a file", "give the path of a folder", in_process=True)
 def checkpoint_dirpath_is_a_file(ctx: Context) -> Result:
     folder = ctx.mktemp("dirpath_file")
     (folder / "ckpt").write_text("not a folder", encoding="utf-8")
     return ctx.cli("fit", *ctx.fit_flags(folder), cwd=folder, check=False)
 
 
-@row(1, "list.pt: not a readable checkpoint", "a checkpoint: Weights only load failed)")
+@row(
+    1,
+    "list.pt: not a readable checkpoint",
+    "a checkpoint: Weights only load failed)",
+    in_process=True,
+)
 def checkpoint_reason_cut_at_its_first_sentence(ctx: Context) -> Result:
     """torch's reason here is a 300-character paragraph: its first sentence, not 120 chars."""
     folder = ctx.mktemp("list_pt")
@@ -716,7 +767,13 @@ def checkpoint_reason_cut_at_its_first_sentence(ctx: Context) -> Result:
     )  # fmt: skip
 
 
-@row(1, "no checkpoint to sample from", "keep.last and keep.best are both 0", "fit wrote none")
+@row(
+    1,
+    "no checkpoint to sample from",
+    "keep.last and keep.best are both 0",
+    "fit wrote none",
+    in_process=True,
+)
 def sample_after_a_fit_that_kept_no_checkpoints(ctx: Context) -> Result:
     """The folder a `fit` with both keeps 0 leaves: made by its lock, then left empty."""
     folder = ctx.mktemp("keep_none")
@@ -801,7 +858,7 @@ def disk_full_while_writing_a_checkpoint(ctx: Context) -> Result:
                    check=False, file_size_limit=60_000)  # fmt: skip
 
 
-# export and init_from (issue "Failures a real user meets", round 3) ----------------------
+# export and init_from ------------------------------------------------------------------
 
 
 def export_into(ctx: Context, output: Path | str, cwd: Path, *flags: str) -> Result:
@@ -950,13 +1007,17 @@ def init_from_checkpoint_of_another_shape(ctx: Context) -> Result:
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
-def test_one_clear_line(name: str, runs: JobPool) -> None:
-    result = runs[name]
+def test_one_clear_line(name: str, runs: JobPool, cli_in_process: Cli) -> None:
+    case = ROWS[name]
+    if case.in_process:
+        result = case.run(dataclasses.replace(runs.context, cli=cli_in_process))
+        runs.context.notes.setdefault("in_process", {})[name] = result
+    else:
+        result = runs[name]
     if result is None:
         pytest.skip("cannot make a read-only folder here (root without mount)")
     if isinstance(result, tuple):
         result = result[0]
-    case = ROWS[name]
     assert_one_error_line(result, case.exit_code, *case.mentions)
 
 
@@ -1134,6 +1195,7 @@ def test_a_broken_init_from_source_leaves_no_checkpoint_folder(name: str, runs: 
 # --------------------------------------------------------------------------- kill, lock, resume
 
 
+@pytest.mark.cold
 @pytest.mark.parametrize("delay", [0.2, 1.5])
 def test_ctrl_c_during_start_up_is_one_line(trained: Trained, tmp_path: Path, delay: float) -> None:
     """The console script itself, cold (the test server's processes have Lightning imported
@@ -1142,6 +1204,9 @@ def test_ctrl_c_during_start_up_is_one_line(trained: Trained, tmp_path: Path, de
     process = subprocess.Popen(
         [script, "fit", *trained.fit_flags(tmp_path)], cwd=tmp_path, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # As in a terminal: a runner in the background (nohup, `cmd &`) ignores SIGINT, and
+        # the script would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
@@ -1151,9 +1216,8 @@ def test_ctrl_c_during_start_up_is_one_line(trained: Trained, tmp_path: Path, de
     assert "Traceback" not in stderr
 
 
-def test_random_sigkills_then_resume_with_lock(
-    tmp_path: Path, make_experiment, cli, runs: JobPool
-) -> None:
+@pytest.mark.cold
+def test_random_sigkills_then_resume_with_lock(tmp_path: Path, make_experiment, cli) -> None:
     """Three runs killed with SIGKILL at random moments, each resumed; a second fit is refused
     while one runs; the stale lock a killed run leaves does not block the next one."""
     config = make_experiment(tmp_path)

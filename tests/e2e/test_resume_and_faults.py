@@ -58,6 +58,7 @@ def test_resume_is_exact(tmp_path: Path, trained: Trained, cli) -> None:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+@pytest.mark.cold
 @pytest.mark.parametrize("delay", [0.0, 0.37])
 def test_sigkill_mid_run_then_resume(tmp_path: Path, make_experiment, cli, delay: float) -> None:
     config = make_experiment(tmp_path)
@@ -85,6 +86,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, make_experiment, cli, delay
         torch.load(path, map_location="cpu", weights_only=True)  # every file is whole
 
 
+@pytest.mark.cold
 @pytest.mark.parametrize(
     ("sig", "times", "keep_last"),
     [(signal.SIGINT, 1, 2), (signal.SIGINT, 2, 2), (signal.SIGTERM, 1, 2), (signal.SIGINT, 1, 0)],
@@ -142,6 +144,7 @@ def uninterrupted(trained: Trained, cli, tmp_path_factory: pytest.TempPathFactor
     return sorted(p.name for p in (folder / "ckpt").glob("ckpt_*.pt"))
 
 
+@pytest.mark.cold
 @pytest.mark.parametrize("moment", ["validation", "before_validation"])
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_an_interrupt_at_a_validation_loses_nothing(

@@ -1,9 +1,9 @@
 """The experiment parser: LightningCLI in TOML mode over `GPTLightningModule` (`[model]`),
 `GPTDataModule` (`[data]`), `GPTCheckpoint` (`[checkpointing]`) and the Trainer (`[trainer]`),
-with `[prepare]` / `[sample]` groups; `loading.py` orders the layers, checks strict types and
-words the errors, `schema.py` validates the whole. Parsing has no side effects: no seeding, no
-network, nothing built. The console script (`cli.py`) adds the commands; the Python API
-(`load_config` and its two short forms) is here, below it.
+with `[prepare]` / `[sample]` / `[evaluate]` groups; `loading.py` orders the layers, checks
+strict types and words the errors, `schema.py` validates the whole. Parsing has no side
+effects: no seeding, no network, nothing built. The console script (`cli.py`) adds the
+commands; the Python API (`load_config` and its two short forms) is here, below it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ml_playground.configuration.loading import (
 from ml_playground.configuration.schema import MANAGED_TRAINER_KEYS, ExperimentConfig
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError
+from ml_playground.evaluation import EvaluateConfig
 from ml_playground.module import GPTLightningModule
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.pretrained import with_source_shape
@@ -100,6 +101,7 @@ class ExperimentParser(LightningCLI):
         parser.add_class_arguments(PrepareConfig, "prepare", sub_configs=True, instantiate=False)
         parser.add_lightning_class_args(GPTCheckpoint, "checkpointing")
         parser.add_class_arguments(SampleConfig, "sample", sub_configs=True, instantiate=False)
+        parser.add_class_arguments(EvaluateConfig, "evaluate", sub_configs=True, instantiate=False)
         parser.link_arguments("seed_everything", "data.seed")
         product = lambda batch, block: batch * block  # noqa: E731
         parser.link_arguments(("data.batch_size", "data.block_size"), LINK_TARGETS[1], product)

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from ml_playground.checkpoint_writing import CheckpointingConfig
 from ml_playground.data import DataConfig
+from ml_playground.evaluation import EvaluateConfig
 from ml_playground.module import ModelConfig
 from ml_playground.prepare.config import PrepareConfig
 from ml_playground.sampling import SampleConfig  # the sections, beside the classes they configure
@@ -46,6 +47,7 @@ class ExperimentConfig(Section):
     )
     checkpointing: CheckpointingConfig
     sample: SampleConfig
+    evaluate: EvaluateConfig
 
     @model_validator(mode="before")
     @classmethod
@@ -55,7 +57,7 @@ class ExperimentConfig(Section):
             return data
         name, data = data["experiment"], dict(data)
         folders = (("", "log_dir"), ("data", "dataset_dir"), ("checkpointing", "dirpath"))
-        for section, key in (*folders, ("sample", "output")):
+        for section, key in (*folders, ("sample", "output"), ("evaluate", "output")):
             table = dict(data.get(section) or {}) if section else data
             if isinstance(table.get(key), str | os.PathLike):
                 table[key] = os.fspath(table[key]).replace(EXPERIMENT, name)

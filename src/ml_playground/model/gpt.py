@@ -71,6 +71,17 @@ class KVCache:
     def __init__(self, n_layer: int, block_size: int) -> None:
         self.layers = [LayerKV(block_size) for _ in range(n_layer)]
 
+    def select(self, rows: Tensor) -> KVCache:
+        """A cache whose row i is row `rows[i]` of this one: one context continued several
+        ways (the keys and values are copied)."""
+        picked = KVCache(0, 0)
+        for layer in self.layers:
+            new = LayerKV(layer.block_size)
+            if layer.k is not None and layer.v is not None:
+                new.k, new.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
+            picked.layers.append(new)
+        return picked
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -189,6 +200,14 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache.layers[i], start_pos)
         return self.transformer.ln_f(x)
+
+    def hidden_states(
+        self, idx: Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> Tensor:
+        """The final hidden states (B, T, C) of tokens idx (B, T) at positions start_pos..,
+        what lm_head turns into logits (evaluation needs the logits of a few positions only).
+        With a cache, as forward_with_cache: earlier positions are in it, these are added."""
+        return self._hidden(idx, cache, start_pos)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Training (targets given): logits (B, T, V) and the mean cross-entropy, ignoring

@@ -171,9 +171,7 @@ class _CharStream:
         pass
 
 
-def _training_pieces(
-    routed: Iterable[tuple[int, bool, str]], piece_chars: int
-) -> Iterator[str]:
+def _training_pieces(routed: Iterable[tuple[int, bool, str]], piece_chars: int) -> Iterator[str]:
     """The training split's text in pieces cut only where tokens do not change (a BPE is
     trained on the pre-tokens it will see, whatever chunk_bytes is)."""
     buffer = ""

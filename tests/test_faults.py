@@ -1,6 +1,6 @@
-"""Reliability rows of docs/reliability.md checked in-process: the fit lock, failed checkpoint
-writes and unexpected OSErrors in the CLI. Rows through the real CLI are in
-tests/e2e/test_reliability.py; NaN weights in tests/test_retention.py."""
+"""Faults met in-process (rows of docs/reliability.md): the fit lock, failed checkpoint
+writes, Ctrl-C inside a write, unexpected OSErrors in the CLI. Rows through the real CLI are
+in tests/e2e/test_reliability.py; NaN weights in tests/test_retention.py."""
 
 from __future__ import annotations
 
