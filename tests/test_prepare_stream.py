@@ -109,7 +109,9 @@ def test_resolve_source_file_folder_glob(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no file matches"):
         resolve_source(str(folder / "*.csv"), None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"holds no \*\.txt, \*\.jsonl, \*\.jsonl\.gz or \*\.parquet files"):
+    with pytest.raises(
+        DataError, match=r"holds no \*\.txt, \*\.jsonl, \*\.jsonl\.gz or \*\.parquet files"
+    ):
         resolve_source(tmp_path / "empty", None)
     with pytest.raises(ConfigError, match="single file"):
         resolve_source(folder, "0" * 64)
