@@ -251,7 +251,14 @@ def stop_started_ranks(trainer: pl.Trainer, exc: BaseException) -> None:
     writes, so they have nothing to save; after SIGTERM they get a moment to finish their part
     of the interrupt checkpoint first.
     """
-    procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
+    started = getattr(trainer.strategy.launcher, "procs", None)
+    if not isinstance(started, list):
+        return
+    procs = [p for p in started if p.poll() is None]
+    # Lightning's child-process observer watches this same list and, seeing a rank that ended
+    # with an error, SIGKILLs this process too (exit -9 instead of our line and code 1): the
+    # ranks ended here are ended on purpose, so they leave its watch first.
+    started.clear()
     if not procs:
         return
     grace = 30.0 if isinstance(exc, SIGTERMException) else 0.0
