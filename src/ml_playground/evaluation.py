@@ -342,7 +342,7 @@ def figures(total: int, correct: int, correct_norm: int) -> dict[str, float]:
 
 def summary(total: int, correct: int, correct_norm: int) -> str:
     acc, acc_norm = figures(total, correct, correct_norm).values()
-    return f"hellaswag: acc={acc:.4f} acc_norm={acc_norm:.4f} ({total:,} examples)"
+    return f"hellaswag: acc={acc:.4f} acc_norm={acc_norm:.4f} ({total} examples)"
 
 
 # --------------------------------------------------------------------------- `evaluate`

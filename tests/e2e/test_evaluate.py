@@ -171,11 +171,17 @@ def test_evaluate_equals_build_nanogpts_algorithm_on_the_exported_folder(
     cli("export", "--config", config, "--data.dataset_dir", data, "--ckpt_path", ckpt,
         "--output", folder / "hf", cwd=folder)  # fmt: skip
 
-    reference = build_nanogpt_on_transformers(folder / "hf", scored.examples)
-    _, model, tokenizer, _ = load_model(str(ckpt), folder / "ckpt", data)
-    examples = read_examples(scored.hellaswag)
-    rendered = render(examples, tokenizer, scored.hellaswag, model.config.block_size)
-    ours = ending_losses(model.eval(), rendered, tokenizer.vocab_size, 64, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as tests/test_evaluation.py's one_thread says why
+    try:
+        reference = build_nanogpt_on_transformers(folder / "hf", scored.examples)
+        _, model, tokenizer, _ = load_model(str(ckpt), folder / "ckpt", data)
+        examples = read_examples(scored.hellaswag)
+        rendered = render(examples, tokenizer, scored.hellaswag, model.config.block_size)
+        cpu = torch.device("cpu")
+        ours = ending_losses(model.eval(), rendered, tokenizer.vocab_size, 64, cpu)
+    finally:
+        torch.set_num_threads(threads)
     picks, theirs = [], []
     for example, endings, row in zip(scored.examples, ours, reference, strict=True):
         k = len(example["endings"])
