@@ -76,11 +76,15 @@ def test_optimizer_is_fused_on_cuda(tmp_path: Path, make_experiment) -> None:
     assert optimizer.defaults["fused"] is True
 
 
-def test_cli_fit_resume_sample_bf16_compiled(tmp_path: Path, make_experiment, cli) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_cli_fit_resume_sample_bf16_compiled(
+    tmp_path: Path, make_experiment, cli, optimizer: str
+) -> None:
     config = make_experiment(tmp_path)
     gpu = [
         *("--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"),
         *("--model.compile", "true", "--data.pin_memory", "true"),
+        *("--model.optimizer", optimizer),
     ]
     cli("prepare", "--config", config, cwd=tmp_path)
     cli("fit", "--config", config, *gpu, "--trainer.max_steps", "10", cwd=tmp_path)

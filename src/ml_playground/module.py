@@ -1,4 +1,5 @@
-"""The LightningModule around the plain GPT: loss, AdamW, warmup + cosine schedule, logging."""
+"""The LightningModule around the plain GPT: loss, AdamW or Muon, warmup + cosine schedule,
+logging."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ml_playground.checkpoint_reading import FORMAT_VERSION, SECTION
 from ml_playground.errors import ConfigError, TrainingError
 from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT, GPTConfig
+from ml_playground.optimizers import MuonWithAdamW, OptimizerName, group_names
 from ml_playground.sections import Pretrained, Section
 from ml_playground.tensorboard_logging import completed_step
 
@@ -47,16 +49,32 @@ class ModelConfig(Section):
         description="dropout probability (0 for small data / fine-tuning)", ge=0.0, lt=1.0
     )
     bias: bool = Field(description="biases in Linear and LayerNorm layers (GPT-2: true)")
+    optimizer: OptimizerName = Field(
+        description='"adamw": AdamW trains every weight; "muon": torch.optim.Muon trains the '
+        "transformer blocks' 2-D weight matrices and AdamW the embeddings (the tied head), "
+        "norms and biases"
+    )
     learning_rate: float = Field(
         description="peak learning rate of AdamW (0 trains nothing: evaluation, round trips)",
         ge=0.0,
+    )
+    muon_lr: float = Field(
+        description="peak learning rate of Muon (optimizer = muon); the schedule scales it as "
+        "it scales learning_rate",
+        ge=0.0,
+    )
+    muon_momentum: float = Field(
+        description="Muon's Nesterov momentum (optimizer = muon)", ge=0.0, lt=1.0
     )
     min_lr: float = Field(description="learning rate at the end of the cosine decay", ge=0.0)
     warmup_steps: int = Field(description="optimizer steps of linear warmup", ge=0)
     lr_decay_steps: int = Field(
         description="optimizer step at which the cosine decay reaches min_lr", gt=0
     )
-    weight_decay: float = Field(description="AdamW weight decay (matrices only)", ge=0.0)
+    weight_decay: float = Field(
+        description="weight decay of the matrices and embeddings (AdamW's, and Muon's with muon)",
+        ge=0.0,
+    )
     beta1: float = Field(description="AdamW beta1", gt=0.0, lt=1.0)
     beta2: float = Field(description="AdamW beta2", gt=0.0, lt=1.0)
     compile: bool = Field(description="wrap the model in torch.compile")
@@ -92,6 +110,17 @@ class ModelConfig(Section):
                 f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
         return self
+
+    def peak_lr(self, optimizer: str) -> float:
+        """The peak learning rate of the groups `optimizer` ("adamw" or "muon") updates."""
+        return self.muon_lr if optimizer == "muon" else self.learning_rate
+
+    def unused(self) -> dict[str, str]:
+        """Settings this configuration does not use -> what uses them: a value other than the
+        default for one would be ignored, so the loader refuses it, naming where it was set."""
+        if self.optimizer == "muon":
+            return {}
+        return {key: 'model.optimizer = "muon"' for key in ("muon_lr", "muon_momentum")}
 
 
 class WarmupCosine:
@@ -291,33 +320,45 @@ class GPTLightningModule(pl.LightningModule):
         return WarmupCosine(cfg.warmup_steps, cfg.lr_decay_steps, cfg.learning_rate, cfg.min_lr)
 
     def _adopt_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
-        """A resumed run trains with this config's learning rate, schedule, betas and weight
-        decay: Lightning would restore the checkpoint's along with the optimizer's moments."""
+        """A resumed run trains with this config's learning rates, schedule, betas, momentum and
+        weight decay: Lightning would restore the checkpoint's along with the optimizer's
+        moments. (`training.check_resume` made sure the groups are this config's.)"""
         cfg, schedule = self.config, self._schedule()
-        step = 0
-        for state in checkpoint.get("lr_schedulers", []):
-            step = int(state.get("last_epoch", 0))
-            count = len(state.get("base_lrs", []))
-            state["base_lrs"] = [cfg.learning_rate] * count
-            state["_last_lr"] = [cfg.learning_rate * schedule(step)] * count
-            state["lr_lambdas"] = [None] * count  # keep this run's schedule object
+        schedulers = checkpoint.get("lr_schedulers", [])
+        step = int(schedulers[0].get("last_epoch", 0)) if schedulers else 0
         for state in checkpoint.get("optimizer_states", []):
-            for index, group in enumerate(state.get("param_groups", [])):
-                group["lr"] = cfg.learning_rate * schedule(step)
-                group["initial_lr"] = cfg.learning_rate
-                group["betas"] = (cfg.beta1, cfg.beta2)
-                if index == 0:  # the group that decays (configure_param_groups)
+            groups, peaks = (
+                state.get("param_groups", []),
+                [cfg.peak_lr(n) for n in group_names(state)],
+            )
+            for index, (group, peak) in enumerate(zip(groups, peaks, strict=True)):
+                group["lr"], group["initial_lr"] = peak * schedule(step), peak
+                if group.get("optimizer", "adamw") == "adamw":
+                    group["betas"] = (cfg.beta1, cfg.beta2)
+                else:
+                    group["momentum"] = cfg.muon_momentum
+                if index < len(groups) - 1:  # all but the last decay (configure_param_groups)
                     group["weight_decay"] = cfg.weight_decay
+            for sched in schedulers:
+                sched["base_lrs"] = peaks
+                sched["_last_lr"] = [peak * schedule(step) for peak in peaks]
+                sched["lr_lambdas"] = [None] * len(peaks)  # keep this run's schedule object
 
     def configure_optimizers(self) -> Any:
         cfg = self.config
+        groups = self.model.configure_param_groups(cfg.weight_decay, muon=cfg.optimizer == "muon")
+        for group in groups:
+            group["lr"] = cfg.peak_lr(group["optimizer"])
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            self.model.configure_param_groups(cfg.weight_decay),
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            fused=fused,
-        )
+        adamw = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2), "fused": fused}
+        optimizer: torch.optim.Optimizer
+        if cfg.optimizer == "muon":
+            muon = {"lr": cfg.peak_lr("muon"), "momentum": cfg.muon_momentum}
+            optimizer = MuonWithAdamW(groups, muon=muon, adamw=adamw)
+        else:
+            optimizer = torch.optim.AdamW(groups, **adamw)
+        # One multiplier for every group: each goes from its own peak down to
+        # min_lr / learning_rate of it.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule())
         return {
             "optimizer": optimizer,
@@ -338,7 +379,10 @@ class GPTLightningModule(pl.LightningModule):
         now = time.perf_counter()
         trainer = self.trainer
         if trainer.global_step % _log_interval(trainer) == 0:
-            self.log("lr", optimizer.param_groups[0]["lr"])
+            lrs = {g.get("optimizer", "adamw"): g["lr"] for g in optimizer.param_groups}
+            self.log("lr", lrs["adamw"])
+            if "muon" in lrs:
+                self.log("lr/muon", lrs["muon"])
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
                 self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))

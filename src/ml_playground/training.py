@@ -35,12 +35,13 @@ from ml_playground.checkpoint_reading import (
 from ml_playground.checkpoint_writing import AtomicCheckpointIO
 from ml_playground.configuration.schema import ExperimentConfig
 from ml_playground.data import GPTDataModule
-from ml_playground.errors import ConfigError
+from ml_playground.errors import CheckpointError, ConfigError
 from ml_playground.evaluation import HellaSwag
 from ml_playground.files import fsync_dir, write_atomic
 from ml_playground.interrupts import StopBetweenSteps
 from ml_playground.locking import FolderLock
 from ml_playground.module import GPTLightningModule
+from ml_playground.optimizers import group_names
 from ml_playground.random_state import RandomState
 from ml_playground.tensorboard_logging import HparamsSummary, StepAlignedLogger, TextSample
 from ml_playground.weights_guard import FiniteWeights
@@ -188,6 +189,15 @@ def check_resume(path: Path, module: GPTLightningModule, datamodule: GPTDataModu
     """The checkpoint fits this model and dataset, checked before any work."""
     checkpoint = load_checkpoint(path, mmap=True)  # Lightning reads it again to resume
     check_compatible(path, checkpoint, module.model_args, datamodule.vocab_size, datamodule.meta)
+    wanted = module.config.optimizer
+    for state in checkpoint.get("optimizer_states", []):
+        trained = "muon" if "muon" in group_names(state) else "adamw"
+        if trained != wanted:
+            raise CheckpointError(
+                f'{path}: trained with model.optimizer = "{trained}", but this config sets '
+                f'"{wanted}": resume with "{trained}", or start a new run from its weights with '
+                f"model.init_from = {str(path)!r}"
+            )
 
 
 def default_logger(cfg: ExperimentConfig) -> Logger:

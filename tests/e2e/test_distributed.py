@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from e2e.harness import Result, Trained, free_port
 from ml_playground.checkpoint_reading import LAST_PATTERN
@@ -115,17 +116,23 @@ def test_ddp_two_processes_different_batches_rank0_writes(
     assert sum(a[1:] != b[1:] for a, b in zip(per_rank[0], per_rank[1], strict=True)) >= 18
 
 
-def test_ddp_resume(tmp_path, make_experiment, cli) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_resume(tmp_path, make_experiment, cli, optimizer: str) -> None:
     config = make_experiment(tmp_path)
     cli("prepare", "--config", config, cwd=tmp_path)
-    two_ranks(cli, "fit", "--config", config, "--trainer.max_steps", "10", cwd=tmp_path)
-    result = two_ranks(cli, "fit", "--config", config, "--ckpt_path", "last",
+    flags = ("--model.optimizer", optimizer)
+    two_ranks(cli, "fit", "--config", config, *flags, "--trainer.max_steps", "10", cwd=tmp_path)
+    result = two_ranks(cli, "fit", "--config", config, *flags, "--ckpt_path", "last",
                    "--trainer.max_steps", "20", cwd=tmp_path)  # fmt: skip
     assert "ckpt_last_00000020.pt" in result.stdout
     steps = sorted(
         int(m.group(1)) for p in (tmp_path / "ckpt").iterdir() if (m := LAST_PATTERN.match(p.name))
     )
     assert steps == [15, 20]
+    state = torch.load(tmp_path / "ckpt" / "ckpt_last_00000020.pt", map_location="cpu",
+                       weights_only=True)["optimizer_states"][0]  # fmt: skip
+    kinds = [g["optimizer"] for g in state["param_groups"]]
+    assert kinds == (["muon", "adamw", "adamw"] if optimizer == "muon" else ["adamw"] * 2)
 
 
 def run_two_nodes(

@@ -116,8 +116,12 @@ job = JOBS.job
 def corpus_server(corpus_text: str, tmp_path_factory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("served")
     (folder / "corpus.txt").write_text(corpus_text, encoding="utf-8")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            """No request lines on stderr: an in-process row would read them as its own."""
+
+    handler = functools.partial(Quiet, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -219,6 +223,35 @@ def warmup_longer_than_decay(ctx: Context) -> Result:
     return ctx.cli(
         "fit", *ctx.fit_flags(folder), "--model.warmup_steps", "50", cwd=folder, check=False
     )
+
+
+@row(2, "command line", "model.optimizer = sgd", "'adamw', 'muon'", in_process=True)
+def unknown_optimizer(ctx: Context) -> Result:
+    folder = ctx.mktemp("optimizer")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--model.optimizer", "sgd", cwd=folder,
+                   check=False)  # fmt: skip
+
+
+@row(2, "command line", "model.muon_lr = -0.01", "greater than or equal to 0", in_process=True)
+def negative_muon_lr(ctx: Context) -> Result:
+    folder = ctx.mktemp("muon_lr")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--model.optimizer", "muon",
+                   "--model.muon_lr", "-0.01", cwd=folder, check=False)  # fmt: skip
+
+
+@row(
+    2,
+    'muon.toml: model.muon_lr is a setting for model.optimizer = "muon", but model.optimizer '
+    'is "adamw"',
+    "remove model.muon_lr",
+    in_process=True,
+)
+def muon_setting_with_adamw(ctx: Context) -> Result:
+    """A Muon recipe switched to AdamW on the command line: its muon_lr would be ignored."""
+    folder = ctx.mktemp("muon_setting")
+    (folder / "muon.toml").write_text('[model]\noptimizer = "muon"\nmuon_lr = 0.05\n')
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--config", "muon.toml", "--model.optimizer",
+                   "adamw", cwd=folder, check=False)  # fmt: skip
 
 
 @row(2, TRAIN_ENV, "model.n_layer", in_process=True)
@@ -550,6 +583,14 @@ def misnamed_file_given_as_ckpt_path(ctx: Context) -> Result:
     renamed = best.with_name(best.name.replace("_00000020_", "_00000030_"))
     best.rename(renamed)
     return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", renamed, cwd=folder, check=False)
+
+
+@row(1, "ckpt_last_00000020.pt", 'trained with model.optimizer = "adamw"', "model.init_from",
+     in_process=True)  # fmt: skip
+def resume_with_another_optimizer(ctx: Context) -> Result:
+    folder = copied_run(ctx, "another_optimizer")
+    return ctx.cli("fit", *ctx.fit_flags(folder), "--ckpt_path", "last", "--model.optimizer",
+                   "muon", "--trainer.max_steps", "40", cwd=folder, check=False)  # fmt: skip
 
 
 def only_best_left(ctx: Context, name: str) -> Path:

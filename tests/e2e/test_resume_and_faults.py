@@ -37,12 +37,23 @@ def apart(trained: Trained, tmp_path: Path, *names: str) -> list[tuple[str, ...]
     return [trained.fit_flags(tmp_path / name) for name in names]
 
 
-def test_resume_is_exact(tmp_path: Path, trained: Trained, cli) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path: Path, trained: Trained, cli, optimizer: str) -> None:
     straight, split = apart(trained, tmp_path, "straight", "split")
-    cli("fit", *straight, *RESUME_FLAGS, "--trainer.max_steps", "40", cwd=tmp_path)
-    cli("fit", *split, *RESUME_FLAGS, "--trainer.max_steps", "20", cwd=tmp_path)
-    cli("fit", *split, *RESUME_FLAGS, "--trainer.max_steps", "40", "--ckpt_path", "last",
+    flags = (*RESUME_FLAGS, "--model.optimizer", optimizer)
+    cli("fit", *straight, *flags, "--trainer.max_steps", "40", cwd=tmp_path)
+    cli("fit", *split, *flags, "--trainer.max_steps", "20", cwd=tmp_path)
+    cli("fit", *split, *flags, "--trainer.max_steps", "40", "--ckpt_path", "last",
         cwd=tmp_path)  # fmt: skip
+    resumed_from = torch.load(tmp_path / "split" / "ckpt" / "ckpt_last_00000040.pt",
+                              map_location="cpu", weights_only=True)  # fmt: skip
+    state = resumed_from["optimizer_states"][0]
+    buffers = {key for values in state["state"].values() for key in values}
+    if optimizer == "muon":  # Muon's momentum buffers travel with AdamW's moments
+        assert buffers == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}
+        assert [g["optimizer"] for g in state["param_groups"]] == ["muon", "adamw", "adamw"]
+    else:
+        assert buffers == {"step", "exp_avg", "exp_avg_sq"}
 
     a = weights(tmp_path / "straight" / "ckpt" / "ckpt_last_00000040.pt")
     b = weights(tmp_path / "split" / "ckpt" / "ckpt_last_00000040.pt")

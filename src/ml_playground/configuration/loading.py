@@ -358,7 +358,7 @@ def describe_parse_error(request: Request, error: Exception) -> str:
 def validate(request: Request, data: Mapping[str, Any]) -> ExperimentConfig:
     """The whole experiment through the strict Pydantic models (every command does this)."""
     try:
-        return ExperimentConfig.model_validate(data)
+        config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         first, count = exc.errors()[0], exc.error_count()
         key = ".".join(str(part) for part in first["loc"])
@@ -374,6 +374,15 @@ def validate(request: Request, data: Mapping[str, Any]) -> ExperimentConfig:
             raise ConfigError(f"{where}: {key + ': ' if key else ''}{text}{more}") from None
         shown = "" if value is None else f" = {_show(value)}"
         raise ConfigError(f"{request.origin(key)}: {key}{shown}: {text}{more}") from None
+    defaults = packaged_defaults()["model"]
+    for name, user in config.model.unused().items():
+        key = f"model.{name}"
+        if getattr(config.model, name) != defaults[name]:  # a value that would be ignored
+            raise ConfigError(
+                f"{request.origin(key)}: {key} is a setting for {user}, but model.optimizer is "
+                f'"{config.model.optimizer}"; remove {key} or set model.optimizer = "muon"'
+            )
+    return config
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:

@@ -324,14 +324,24 @@ class GPT(nn.Module):
         head_size = cfg.n_embd // cfg.n_head
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
 
-    def configure_param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer groups: weight decay on matrices and embeddings (dim >= 2), none on biases
-        and LayerNorm gains. Each parameter appears once."""
+    def configure_param_groups(
+        self, weight_decay: float, muon: bool = False
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups, each parameter in exactly one, named by the optimizer that updates
+        it: weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm
+        gains. With `muon`, the transformer blocks' 2-D weight matrices form a first group of
+        their own, for Muon; the embeddings (the tied head among them) stay with AdamW."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        blocks = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+        matrices = {id(p) for p in blocks} if muon else set()
+        rest = [p for p in params if id(p) not in matrices]
+        first = [{"params": blocks, "weight_decay": weight_decay, "optimizer": "muon"}]
+        return (first if muon else []) + [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay,
+             "optimizer": "adamw"},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0,
+             "optimizer": "adamw"},
+        ]  # fmt: skip
 
 
 def _next_token(
