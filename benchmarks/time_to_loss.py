@@ -5,6 +5,7 @@
 
 `--start` is the Unix time taken just before the command was launched (`date +%s.%N`), so the
 times include start-up: imports, data preparation, compilation. Every evaluation is listed.
+`benchmarks/versus_nanogpt.py` reads its runs with `read_scalars` and `first_reaching`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,43 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+class Point(NamedTuple):
+    """One logged scalar: the step it belongs to, its Unix wall time and its value."""
+
+    step: int
+    wall_time: float
+    value: float
+
+
+def read_scalars(log_dir: Path, tags: list[str]) -> tuple[Path, dict[str, list[Point]]]:
+    """The scalars `tags` of the newest run under `log_dir` (an experiment's folder or one
+    version_N), in logging order, with that run's folder. A tag the run never logged maps to
+    an empty list."""
+    runs = sorted(
+        {path.parent for path in log_dir.rglob("events.out.tfevents.*")},
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not runs:
+        raise SystemExit(f"{log_dir}: no TensorBoard event files")
+    events = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = set(events.Tags()["scalars"])
+    return runs[-1], {
+        tag: [Point(e.step, e.wall_time, e.value) for e in events.Scalars(tag)]
+        if tag in logged
+        else []
+        for tag in tags
+    }
+
+
+def first_reaching(points: list[Point], target: float) -> Point | None:
+    """The first point whose value is at or below `target`, or None."""
+    return next((point for point in points if point.value <= target), None)
 
 
 def main() -> None:
@@ -25,31 +61,23 @@ def main() -> None:
     parser.add_argument("--metric", default="val/loss")
     args = parser.parse_args()
 
-    runs = sorted(
-        {path.parent for path in args.log_dir.rglob("events.out.tfevents.*")},
-        key=lambda p: p.stat().st_mtime,
-    )
-    if not runs:
-        raise SystemExit(f"{args.log_dir}: no TensorBoard event files")
-    events = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})
-    events.Reload()
-    points = events.Scalars(args.metric)
-    print(f"run: {runs[-1]}")
+    run, scalars = read_scalars(args.log_dir, [args.metric])
+    points = scalars[args.metric]
+    if not points:
+        raise SystemExit(f"{run}: no {args.metric} scalars")
+    print(f"run: {run}")
     print(f"{'step':>7} {'seconds':>8} {args.metric:>9}")
-    reached = None
     for point in points:
-        seconds = point.wall_time - args.start
-        print(f"{point.step:7d} {seconds:8.1f} {point.value:9.4f}")
-        if reached is None and point.value <= args.target:
-            reached = (point.step, seconds, point.value)
+        print(f"{point.step:7d} {point.wall_time - args.start:8.1f} {point.value:9.4f}")
     best = min(points, key=lambda p: p.value)
     print(f"best {args.metric} {best.value:.4f} at step {best.step}")
     end = (args.end or time.time()) - args.start
     print(f"whole command: {end:.1f} s")
+    reached = first_reaching(points, args.target)
     if reached:
-        step, seconds, value = reached
         print(
-            f"reached {args.metric} <= {args.target} at step {step}: {seconds:.1f} s ({value:.4f})"
+            f"reached {args.metric} <= {args.target} at step {reached.step}: "
+            f"{reached.wall_time - args.start:.1f} s ({reached.value:.4f})"
         )
     else:
         print(f"never reached {args.metric} <= {args.target}")
