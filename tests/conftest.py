@@ -28,6 +28,16 @@ def pytest_configure(config: pytest.Config) -> None:
         "tests again with ML_PLAYGROUND_TEST_COLD=1 (a fresh `python -m ml_playground` per "
         "command instead of a fork of tests/cli_server.py)",
     )
+    # Each xdist worker, and every command it starts, gets its share of the cores: torch's
+    # default (one thread per core in every process) oversubscribes them, and its threads then
+    # spin against each other (a 3-second fit took 24 s beside a torch.compile test).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the commands tests start
+        import torch
+
+        torch.set_num_threads(threads)  # this worker's in-process commands
 
 
 WORDS = [
