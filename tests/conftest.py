@@ -316,12 +316,10 @@ def cli(tmp_path_factory: pytest.TempPathFactory, download_cache: Path) -> Itera
     `check=True` a non-zero exit fails the test and shows stdout and stderr.
     """
     cache = download_cache
-    # Fresh processes share one bytecode cache outside the repository: compiling torch and
-    # Lightning afresh costs every command seconds when no .pyc files were installed.
-    pycache = tmp_path_factory.mktemp("pycache")
+    # Commands read torch's and Lightning's bytecode where uv installed it (compile-bytecode in
+    # pyproject.toml), and cache the project's own in its __pycache__ folders (git ignores them).
     base = {k: v for k, v in os.environ.items() if not k.startswith("ML_PLAYGROUND_")}
     base.pop("PYTHONDONTWRITEBYTECODE", None)
-    base["PYTHONPYCACHEPREFIX"] = str(pycache)
     warm = None
     if os.environ.get("ML_PLAYGROUND_TEST_COLD", "") in ("", "0"):
         warm = WarmCli(base, tmp_path_factory.mktemp("cli_output"))
