@@ -65,7 +65,8 @@ def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
     """The plain GPT with the checkpoint's weights (EMA weights when the checkpoint has them)."""
     section = checkpoint[SECTION]
     try:
-        model = GPT(GPTConfig(**section["model_args"]))
+        with torch.device("meta"):  # no initialisation: the weights come from the checkpoint
+            model = GPT(GPTConfig(**section["model_args"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model arguments ({exc})") from None
     weights = {
@@ -74,12 +75,14 @@ def model_from_checkpoint(path: Path, checkpoint: dict[str, Any]) -> GPT:
         if key.startswith("model.")
     }
     try:
-        model.load_state_dict(strip_compile_prefix(weights))
+        model.load_state_dict(strip_compile_prefix(weights), assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(
             f"{path}: weights do not fit the stored model shape ({first})"
         ) from None
+    model.float()  # as the float32 model the weights used to be copied into
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True untied the shared matrix
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise CheckpointError(
             f"{path}: the weights hold NaN or inf (saved from a run that diverged); sample "
