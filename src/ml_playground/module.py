@@ -350,7 +350,11 @@ class GPTLightningModule(pl.LightningModule):
         for group in groups:
             group["lr"] = cfg.peak_lr(group["optimizer"])
         fused = self.device.type == "cuda"
-        adamw = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2), "fused": fused}
+        adamw: dict[str, Any] = {
+            "lr": cfg.learning_rate,
+            "betas": (cfg.beta1, cfg.beta2),
+            "fused": fused,
+        }
         optimizer: torch.optim.Optimizer
         if cfg.optimizer == "muon":
             muon = {"lr": cfg.peak_lr("muon"), "momentum": cfg.muon_momentum}
