@@ -71,7 +71,12 @@ if step loop-eager "the same without torch.compile (does compiling pay within a 
   loop loop_eager --model.compile false
 fi
 
-if step tests "CUDA correctness tests"; then
+if step loop-muon "the GPU recipe with Muon (muon_lr 0.04, AdamW 3e-3): sooner to 1.47?"; then
+  loop loop_muon --model.optimizer muon --model.muon_lr 0.04 --model.learning_rate 3e-3 \
+    --model.min_lr 3e-4
+fi
+
+if step tests "CUDA correctness tests (AdamW and Muon: bf16, compile, resume)"; then
   run 300 tests.log $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
 fi
 
