@@ -169,3 +169,23 @@ def test_state_dict_resumes_exactly() -> None:
     assert train(resumed, optimizer2, scheduler2, 3, seed=1) == expected
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_with_adamw_at_zero_muon_still_follows_the_schedule() -> None:
+    """learning_rate 0 keeps AdamW's weights still; Muon's peak warms up and decays to 0."""
+    flags = [("model.optimizer", "muon"), ("model.learning_rate", "0"), ("model.min_lr", "0"),
+             ("model.warmup_steps", "2"), ("model.lr_decay_steps", "6")]  # fmt: skip
+    gpt_module = module(*flags)
+    optimizer, scheduler = optimizer_of(gpt_module)
+    frozen = {name: p.detach().clone() for name, p in gpt_module.model.named_parameters()
+              if not name.startswith("transformer.h.") or p.dim() < 2}  # fmt: skip
+    seen = []
+    for _ in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        assert all(g["lr"] == 0 for g in optimizer.param_groups[1:])
+        train(gpt_module, optimizer, scheduler, 1, seed=len(seen))
+    assert seen[:3] == pytest.approx([MUON_LR / 3, MUON_LR * 2 / 3, MUON_LR])
+    assert seen[6:] == [0.0, 0.0]
+    for name, p in gpt_module.model.named_parameters():
+        if name in frozen:
+            torch.testing.assert_close(p, frozen[name], rtol=0, atol=0, msg=name)

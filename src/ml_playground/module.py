@@ -55,7 +55,8 @@ class ModelConfig(Section):
         "norms and biases"
     )
     learning_rate: float = Field(
-        description="peak learning rate of AdamW (0 trains nothing: evaluation, round trips)",
+        description="peak learning rate of AdamW (0 trains nothing: evaluation, round trips; "
+        "with optimizer = muon, Muon's is muon_lr)",
         ge=0.0,
     )
     muon_lr: float = Field(
@@ -124,21 +125,22 @@ class ModelConfig(Section):
 
 
 class WarmupCosine:
-    """LR multiplier per optimizer step: linear warmup, cosine decay to min_lr, then flat."""
+    """LR multiplier per optimizer step: linear warmup, cosine decay to min_lr, then flat. The
+    same multiplier scales every optimizer group's peak (Muon's too): with learning_rate 0
+    (AdamW trains nothing) Muon's still warms up and decays, to 0."""
 
     def __init__(self, warmup: int, decay: int, lr: float, min_lr: float) -> None:
         self.warmup, self.decay, self.lr, self.min_lr = warmup, decay, lr, min_lr
 
     def __call__(self, step: int) -> float:
-        if self.lr == 0:
-            return 1.0  # a multiple of nothing
+        floor = self.min_lr / self.lr if self.lr else 0.0  # the end, as a fraction of the peak
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         if step >= self.decay:
-            return self.min_lr / self.lr
+            return floor
         progress = (step - self.warmup) / max(1, self.decay - self.warmup)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return (self.min_lr + cosine * (self.lr - self.min_lr)) / self.lr
+        return floor + cosine * (1.0 - floor)
 
 
 def _refuse_unbuildable(shape: GPTConfig) -> None:
