@@ -236,6 +236,29 @@ def test_resume_on_another_corpus_of_the_same_vocabulary_size_is_refused(
     assert sorted(p.name for p in trained.iterdir()) == before
 
 
+def test_init_from_a_checkpoint_of_another_tokenizer_of_the_same_size_is_refused(
+    experiment: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Our checkpoints carry their tokenizer: fine-tuning one on data whose token ids mean
+    other characters (as many of them) is refused before anything is written."""
+
+    def shuffle(meta: dict) -> None:
+        chars = [meta["itos"][i] for i in range(meta["vocab_size"])][::-1]
+        meta["itos"], meta["stoi"] = dict(enumerate(chars)), {c: i for i, c in enumerate(chars)}
+
+    data = data_copy(experiment, tmp_path / "other", shuffle)
+    source = sorted(trained.glob("ckpt_last_*.pt"))[-1]
+    flags = ["--config", str(experiment), "--model.init_from", str(source),
+             "--checkpointing.dirpath", str(tmp_path / "ckpt"), "--trainer.max_steps", "2",
+             "--log_dir", str(tmp_path / "logs")]  # fmt: skip
+    assert cli.main(["fit", *flags, "--data.dataset_dir", str(data)]) == 1
+    line = one_line(capsys)
+    assert f"{source}: the checkpoint's tokenizer is not this dataset's" in line
+    assert "prepare the data with the tokenizer the checkpoint was trained with" in line
+    assert not (tmp_path / "ckpt").exists()
+    assert cli.main(["fit", *flags]) == 0  # its own dataset: fine-tunes
+
+
 def test_fit_refuses_a_meta_pkl_at_odds_with_its_own_table(
     experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -172,6 +172,18 @@ def checked_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]
     return checkpoint
 
 
+def check_same_tokenizer(
+    path: Path, meta: dict[str, Any], dataset_meta: dict[str, Any], fix: str
+) -> None:
+    """A checkpoint's tokenizer (its meta) is the dataset's, by content, not by size."""
+    for key in ("tokenizer", "encoding", "itos", "tokenizer_json"):
+        if meta.get(key) != dataset_meta.get(key):
+            raise CheckpointError(
+                f"{path}: the checkpoint's tokenizer is not this dataset's (meta.pkl differs in "
+                f"{key!r}); {fix}"
+            )
+
+
 def check_compatible(
     path: Path,
     checkpoint: dict[str, Any],
@@ -198,12 +210,8 @@ def check_compatible(
             f"(meta.pkl) gives {model_args.get('vocab_size')}; resume with the dataset it was "
             "trained on"
         )
-    for key in ("tokenizer", "encoding", "itos", "tokenizer_json"):  # by content, not size
-        if isinstance(meta, dict) and dataset_meta and meta.get(key) != dataset_meta.get(key):
-            raise CheckpointError(
-                f"{path}: the checkpoint's tokenizer is not this dataset's (meta.pkl differs in "
-                f"{key!r}); resume with the dataset it was trained on"
-            )
+    if isinstance(meta, dict) and dataset_meta:
+        check_same_tokenizer(path, meta, dataset_meta, "resume with the dataset it was trained on")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
         if stored.get(key) != model_args.get(key):
             raise CheckpointError(

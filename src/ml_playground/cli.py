@@ -22,6 +22,7 @@ from ml_playground.configuration.parser import ExperimentParser
 from ml_playground.data import GPTDataModule
 from ml_playground.errors import ConfigError, report
 from ml_playground.module import CheckpointExtras, GPTLightningModule
+from ml_playground.pretrained import check_source_tokenizer
 
 
 class PlaygroundCLI(ExperimentParser):
@@ -120,6 +121,8 @@ class PlaygroundCLI(ExperimentParser):
         self.model.extras = CheckpointExtras(self.resolved_toml(), self.datamodule.meta)
         if resume is not None:
             training.check_resume(resume, self.model, self.datamodule)
+        elif self.experiment.model.init_from != "scratch":
+            check_source_tokenizer(self.experiment.model.init_from, self.datamodule.meta)
         return self.trainer, self.model, self.datamodule
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

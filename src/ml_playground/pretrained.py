@@ -168,6 +168,21 @@ def _shape(source: str) -> dict[str, Any]:  # read once per process: config, the
     return {**sizes, "bias": True, "activation": config["activation"]}  # GPT-2 has biases
 
 
+def check_source_tokenizer(source: str, dataset_meta: dict[str, Any]) -> None:
+    """An ml-playground checkpoint carries its tokenizer: fine-tuning it on data tokenized
+    otherwise, even with as many tokens, would train on the wrong token ids. (A hub model or
+    a nanoGPT ckpt.pt carries none; `check_tokens` compares their sizes.)"""
+    from ml_playground.checkpoint_reading import SECTION, check_same_tokenizer, read_checkpoint
+
+    if not Path(source).is_file():  # a hub id or a Hugging Face folder
+        return
+    raw = read_checkpoint(Path(source), mmap=True)
+    meta = raw.get(SECTION, {}).get("meta") if isinstance(raw.get(SECTION), dict) else None
+    if isinstance(meta, dict) and meta and dataset_meta:
+        fix = "prepare the data with the tokenizer the checkpoint was trained with"
+        check_same_tokenizer(Path(source), meta, dataset_meta, fix)
+
+
 def source_weights(source: str) -> dict[str, torch.Tensor]:
     """The source's weights under our names (`lm_head.weight` tied to the token embedding),
     checked against the shape the source states."""
