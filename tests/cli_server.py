@@ -23,7 +23,6 @@ warm ranks start one command per rank themselves, as torchrun would (test_distri
 
 from __future__ import annotations
 
-import atexit
 import gc
 import importlib.util
 import json
@@ -41,6 +40,7 @@ from pathlib import Path
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 import ml_playground.cli  # the expensive import, done once
+from ml_playground.__main__ import exit_without_teardown
 
 REPLIES = int(sys.argv[1]) if __name__ == "__main__" else -1
 
@@ -80,20 +80,9 @@ def child(request: dict) -> None:
 
 
 def finish(code: object) -> None:
-    """Exit as `sys.exit(code)` would, minus tearing down the modules imported before the fork
-    (over a second of CPU per command): wait for threads, run atexit, collect what this process
-    made, flush, exit."""
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    threading._shutdown()  # type: ignore[attr-defined]  # what interpreter shutdown does first
-    atexit._run_exitfuncs()
-    gc.collect()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """Exit as the console script does (`exit_without_teardown`): the modules imported before
+    the fork are not torn down."""
+    exit_without_teardown(code)
 
 
 def reply(message: dict) -> None:
