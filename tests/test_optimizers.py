@@ -132,7 +132,9 @@ def test_one_step_is_muon_and_adamw_each_on_its_own_parameters() -> None:
     for group in groups:
         group["lr"] = MUON_LR / 101 if group["optimizer"] == "muon" else 1e-3 / 101
     muon = torch.optim.Muon([g for g in groups if g["optimizer"] == "muon"], momentum=0.95)
-    adamw = torch.optim.AdamW([g for g in groups if g["optimizer"] == "adamw"], betas=(0.9, 0.99))
+    adamw = torch.optim.AdamW(
+        [g for g in groups if g["optimizer"] == "adamw"], betas=(0.9, 0.99), fused=True
+    )  # fused, as the project's AdamW is on a CPU or GPU
     x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
     for step in range(3):
         for model in (gpt_module.model, twin.model):
