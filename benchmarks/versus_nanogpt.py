@@ -3,6 +3,7 @@
     uv run python benchmarks/versus_nanogpt.py                 # the real run (about 10 min, 2 cores)
     uv run python benchmarks/versus_nanogpt.py --quick         # 60 steps: checks the script only
     uv run python benchmarks/versus_nanogpt.py --only race --config configs/shakespeare_char.toml
+    uv run python benchmarks/versus_nanogpt.py --only race --rounds 3   # the order rotated each
 
 Defaults: nanoGPT at ../nanogpt, the corpus at ../shared/data/tinyshakespeare/input.txt (both
 relative to the repository), configs/shakespeare_char.toml and
@@ -20,6 +21,8 @@ race      time to loss: nanoGPT's README CPU command (4 × 128, block 64, 2000 i
           `ml-playground fit` with each `--config`: steps and seconds from launch to the first
           val/loss ≤ `--target`, median ms/step, best val/loss, whole process seconds, and both
           against nanoGPT's whole process (goal: seconds to target ≤ 0.5× nanoGPT's whole run).
+          `--rounds N` runs them all N times, each first in some round (this machine's speed
+          drifts by several percent over minutes), and adds the medians over the rounds.
 sampling  3 samples × 200 tokens from a 6 × 384 model (block 256, the GPU recipe's shape, char
           vocabulary), whole processes: nanoGPT's sample.py against `ml-playground sample`
           (goal: ≤ 0.5×). The checkpoints come from one-step trainings of each tool.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import filecmp
+import functools
 import importlib.metadata
 import os
 import platform
@@ -44,6 +48,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,10 +255,10 @@ def prepare_ours(config: Path, corpus: Path, work: Path) -> Path:
 # --- part 1: the race ---------------------------------------------------------------------
 
 
-def race_nanogpt(copy: Path, work: Path, quick: bool) -> RaceRow:
+def race_nanogpt(copy: Path, work: Path, quick: bool, tag: str) -> RaceRow:
     """nanoGPT's README CPU command; evaluations and per-iteration times from its output."""
     command = [PYTHON, *NANOGPT_CPU_RECIPE, *(NANOGPT_QUICK if quick else [])]
-    process = run_streaming(command, copy, work / "race_nanogpt.log")
+    process = run_streaming(command, copy, work / f"race_nanogpt{tag}.log")
     evaluations, iterations = [], {}
     for seconds, line in process.lines:
         if match := STEP_LINE.match(line):
@@ -274,15 +279,15 @@ def race_nanogpt(copy: Path, work: Path, quick: bool) -> RaceRow:
     )
 
 
-def race_ours(config: Path, corpus: Path, work: Path, quick: bool) -> RaceRow:
+def race_ours(config: Path, corpus: Path, work: Path, quick: bool, tag: str) -> RaceRow:
     """`ml-playground fit` in a fresh run folder; val/loss and tokens/s from TensorBoard."""
     dataset = prepare_ours(config, corpus, work)
-    folder = work / f"race_{config.stem}"
+    folder = work / f"race_{config.stem}{tag}"
     folder.mkdir()
     command = [*OURS, "fit", "--config", str(config), "--prepare.source", str(corpus)]
     command += ["--data.dataset_dir", str(dataset), "--log_dir", "logs"]
     command += ["--checkpointing.dirpath", "checkpoints", *(OURS_QUICK if quick else [])]
-    process = run_streaming(command, folder, work / f"race_{config.stem}.log")
+    process = run_streaming(command, folder, work / f"race_{config.stem}{tag}.log")
     run, scalars = read_scalars(folder / "logs", ["val/loss", "perf/tokens_per_sec"])
     resolved = tomllib.loads((run / "config.toml").read_text())
     data, trainer = resolved["data"], resolved["trainer"]
@@ -300,25 +305,24 @@ def race_ours(config: Path, corpus: Path, work: Path, quick: bool) -> RaceRow:
     )
 
 
-def race(args: argparse.Namespace, work: Path) -> None:
-    """Part 1: nanoGPT's CPU recipe against each config's `fit`, the table of the race and the
-    val/loss of every evaluation."""
-    copy = copy_nanogpt(args.nanogpt, args.corpus, work)
-    configs = [config for config in args.config if config.exists()]
-    skipped = [config for config in args.config if not config.exists()]
-    for config in skipped:
-        print(f"note: {config} does not exist: skipped")
-    # Outside the race, as nanoGPT's prepare.py.
-    datasets = [prepare_ours(config, args.corpus, work) for config in configs]
-    print(f"\n## race ({load()})", flush=True)
-    rows = [race_nanogpt(copy, work, args.quick)]
-    rows += [race_ours(config, args.corpus, work, args.quick) for config in configs]
-    print(load())
+RACE_HEADER = [
+    "run",
+    "steps to val/loss ≤ {target}",
+    "s to target",
+    "ms/step",
+    "best val/loss (step)",
+    "whole process s",
+    "s to target / nanoGPT whole",
+    "whole / nanoGPT whole",
+]
 
+
+def race_table(rows: list[RaceRow], target: float) -> str:
+    """One round: the first row is nanoGPT's, the reference of the ratios."""
     reference = rows[0].process.seconds
     table = []
     for row in rows:
-        reached = first_reaching(row.evaluations, args.target)
+        reached = first_reaching(row.evaluations, target)
         best = min(row.evaluations, key=lambda p: p.value)
         table.append(
             [
@@ -332,20 +336,77 @@ def race(args: argparse.Namespace, work: Path) -> None:
                 f"{row.process.seconds / reference:.2f}×",
             ]
         )
-    header = [
-        "run",
-        f"steps to val/loss ≤ {args.target}",
-        "s to target",
-        "ms/step",
-        "best val/loss (step)",
-        "whole process s",
-        "s to target / nanoGPT whole",
-        "whole / nanoGPT whole",
+    return markdown([h.format(target=target) for h in RACE_HEADER], table)
+
+
+def race_medians(rounds: list[list[RaceRow]], target: float) -> str:
+    """Each row's median over the rounds; a ratio is the median of the rounds' ratios (each
+    against that round's nanoGPT run), a column that is missing in some round is left blank."""
+    table = []
+    for index, name in enumerate(row.name for row in rounds[0]):
+        runs = [(rows[index], rows[0].process.seconds) for rows in rounds]
+        reached = [(first_reaching(row.evaluations, target), ref) for row, ref in runs]
+        hits = [(point, ref) for point, ref in reached if point is not None]
+        every = len(hits) == len(runs)
+        best = [min(p.value for p in row.evaluations) for row, _ in runs]
+
+        def median(values: list[float], form: str) -> str:
+            return form.format(statistics.median(values)) if values else "—"
+
+        table.append(
+            [
+                name,
+                median([float(p.step) for p, _ in hits], "{:.0f}")
+                if every
+                else ("not always" if hits else "not reached"),
+                median([p.wall_time for p, _ in hits], "{:.1f}") if every else "—",
+                median([row.ms_per_step for row, _ in runs], "{:.1f}"),
+                median(best, "{:.4f}"),
+                median([row.process.seconds for row, _ in runs], "{:.1f}"),
+                median([p.wall_time / ref for p, ref in hits], "{:.2f}×") if every else "—",
+                median([row.process.seconds / ref for row, ref in runs], "{:.2f}×"),
+            ]
+        )
+    header = [h.format(target=target) for h in RACE_HEADER]
+    header[4] = "best val/loss"
+    return markdown(header, table)
+
+
+def race(args: argparse.Namespace, work: Path) -> None:
+    """Part 1: nanoGPT's CPU recipe against each config's `fit`, `--rounds` times with the
+    order rotated each round; the table of each round, the medians over rounds, and the
+    val/loss of every evaluation of the last round."""
+    copy = copy_nanogpt(args.nanogpt, args.corpus, work)
+    configs = [config for config in args.config if config.exists()]
+    skipped = [config for config in args.config if not config.exists()]
+    for config in skipped:
+        print(f"note: {config} does not exist: skipped")
+    # Outside the race, as nanoGPT's prepare.py.
+    datasets = [prepare_ours(config, args.corpus, work) for config in configs]
+    runners: list[Callable[[str], RaceRow]] = [
+        lambda tag: race_nanogpt(copy, work, args.quick, tag)
     ]
-    print()
-    if args.quick:
-        print(f"**--quick: {QUICK_STEPS} steps, evaluation every {QUICK_EVERY}: not a result.**\n")
-    print(markdown(header, table))
+    runners += [
+        functools.partial(race_ours, config, args.corpus, work, args.quick) for config in configs
+    ]
+    rounds: list[list[RaceRow]] = []
+    for number in range(args.rounds):
+        # The machine's speed drifts over minutes: each runner goes first in some round.
+        order = [(number + i) % len(runners) for i in range(len(runners))]
+        print(f"\n## race, round {number + 1} of {args.rounds} ({load()})", flush=True)
+        done = {i: runners[i](f"_{number + 1}" if args.rounds > 1 else "") for i in order}
+        rounds.append([done[i] for i in range(len(runners))])
+        print(load())
+        if args.quick:
+            print(
+                f"\n**--quick: {QUICK_STEPS} steps, evaluation every {QUICK_EVERY}: not a result.**"
+            )
+        print(f"\nround {number + 1} (run in the order {', '.join(str(i + 1) for i in order)}):\n")
+        print(race_table(rounds[-1], args.target))
+    if args.rounds > 1:
+        print(f"\nmedians over the {args.rounds} rounds (ratios: the median of each round's):\n")
+        print(race_medians(rounds, args.target))
+    rows = rounds[-1]
     print()
     print(
         "Seconds from the launch of the process (before the interpreter starts) to the moment "
@@ -523,6 +584,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["race", "sampling", "startup"])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps: a check")
     parser.add_argument("--repeats", type=int, help="runs per timed command (default 3, --quick 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="race rounds, the order rotated each (default 1)"
+    )
     parser.add_argument("--work", type=Path, help="work folder (new or empty; kept at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     args = parser.parse_args()
