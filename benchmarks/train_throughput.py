@@ -40,7 +40,6 @@ from ml_playground.hardware import peak_flops
 from ml_playground.model.gpt import GPT
 from ml_playground.module import (
     GPTLightningModule,
-    WarmupCosine,
     compile_gpt,
     gpt_config,
 )
@@ -117,19 +116,13 @@ def run_plain(cfg: ExperimentConfig, steps: int, warmup: int) -> list[float]:
     device = torch.device("cuda" if use_cuda else "cpu")
     data = GPTDataModule(**cfg.data.model_dump())
     module = GPTLightningModule(data.vocab_size, cfg.data.batch_size, **cfg.model.model_dump())
-    model = module.model.to(device)
+    module.to(device)
+    model = module.model
     if cfg.model.compile:
         compile_gpt(model, cfg.model)
-    m = cfg.model
-    optimizer = torch.optim.AdamW(
-        model.configure_param_groups(m.weight_decay),
-        lr=m.learning_rate,
-        betas=(m.beta1, m.beta2),
-        fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(m.warmup_steps, m.lr_decay_steps, m.learning_rate, m.min_lr)
-    )
+    # The module's own optimizer and schedule (fused AdamW, or Muon with AdamW), as `fit` has.
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     stream = iter(
         torch.utils.data.DataLoader(
             RandomWindows(
