@@ -4,6 +4,7 @@ by-document split, uint32 token files, chunked == one-shot, and the data module 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,38 @@ def test_small_chunks_give_the_one_shot_artifacts(
         results.append(artifacts(out))
     assert 7 < 64 < total < 1 << 30
     assert results[0] == results[1] == results[2]
+
+
+class CountingTokenizer(TiktokenTokenizer):
+    """A tiktoken tokenizer that records how many pieces each `encode_batch` call is given."""
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        super().__init__(encoding)
+        self.calls: list[int] = []
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[list[int]]:
+        self.calls.append(len(texts))
+        return super().encode_batch(texts, num_threads)
+
+
+def test_short_documents_share_a_batch_so_the_threads_share_the_work(tmp_path: Path) -> None:
+    """Documents shorter than a chunk (most web pages) are encoded many to a call: one call per
+    document gave every call a single piece, and a second thread nothing to do."""
+    docs = documents(40, seed=7)
+    folder = write_folder(tmp_path / "corpus", docs)
+    files = resolve_source(folder, None)
+    tok = CountingTokenizer(tiny_encoding())
+    chunked = settings(folder, val_fraction=0.25, split="documents", chunk_bytes=2048)
+    prepare_corpus(
+        files, tok, tmp_path / "ds", chunked.model_copy(update={"num_threads": 2}), seed=0
+    )
+    assert sum(tok.calls) >= len(docs) and max(tok.calls) >= 8
+    assert len(tok.calls) <= len(docs) // 4
+    # The same tokens as one document per call (a chunk smaller than any document).
+    prepare_corpus(
+        files, tok, tmp_path / "one", chunked.model_copy(update={"chunk_bytes": 8}), seed=0
+    )
+    assert artifacts(tmp_path / "ds") == artifacts(tmp_path / "one")
 
 
 def test_cut_pieces_only_cuts_where_tokens_do_not_change() -> None:

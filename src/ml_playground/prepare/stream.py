@@ -108,7 +108,9 @@ def cut_pieces(text: str, piece_chars: int, final: bool) -> tuple[list[str], str
 
 
 class _BpeStream:
-    """Buffers one split's text, encodes it in batches of pieces across threads, writes ids."""
+    """Buffers one split's text, cuts it into pieces at safe places, and encodes the pieces of
+    several documents together, `batch_chars` at a time, across threads; writes ids in order
+    (each document's end marked by the end-of-text token)."""
 
     def __init__(
         self,
@@ -123,25 +125,32 @@ class _BpeStream:
         self.batch_chars = max(chunk_chars, 1)
         self.piece_chars = max(self.batch_chars // (4 * threads), 1)
         self.hard_limit = 8 * self.batch_chars + (1 << 20)
-        self.buffer: list[str] = []
+        self.buffer: list[str] = []  # the current document's text not yet cut
         self.size = 0
+        # Pieces cut and waiting to be encoded; None marks a document's end. Documents shorter
+        # than a batch (most web pages) share one batch, so the threads have pieces to share.
+        self.pending: list[str | None] = []
+        self.pending_chars = 0
         self.started = False
 
     def add(self, new_document: bool, text: str) -> None:
         if new_document and self.started:
-            self._flush(final=True)
+            self._cut(final=True)
             if self.eot is not None:
-                self.sink.write(np.array([self.eot], dtype=np.int64))
+                self.pending.append(None)
         self.started = True
         self.buffer.append(text)
         self.size += len(text)
         if self.size >= self.batch_chars:
-            self._flush(final=False)
+            self._cut(final=False)
+        if self.pending_chars >= self.batch_chars:
+            self._encode()
 
     def finish(self) -> None:
-        self._flush(final=True)
+        self._cut(final=True)
+        self._encode()
 
-    def _flush(self, final: bool) -> None:
+    def _cut(self, final: bool) -> None:
         text = "".join(self.buffer)
         pieces, rest = cut_pieces(text, self.piece_chars, final)
         if len(rest) > self.hard_limit:  # no safe cut in a huge run: cut it anyway
@@ -150,12 +159,20 @@ class _BpeStream:
             ]
             rest = ""
         self.buffer, self.size = ([rest], len(rest)) if rest else ([], 0)
-        if not pieces:
+        self.pending += pieces
+        self.pending_chars += sum(len(piece) for piece in pieces)
+
+    def _encode(self) -> None:
+        if not self.pending:
             return
-        encoded = self.tokenizer.encode_batch(pieces, self.threads)
-        total = sum(len(ids) for ids in encoded)
-        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=total)
+        pieces = [piece for piece in self.pending if piece is not None]
+        encoded = iter(self.tokenizer.encode_batch(pieces, self.threads) if pieces else [])
+        eot = [self.eot]
+        chunks = [eot if piece is None else next(encoded) for piece in self.pending]
+        total = sum(len(ids) for ids in chunks)
+        ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
         self.sink.write(ids)
+        self.pending, self.pending_chars = [], 0
 
 
 class _CharStream:
@@ -237,14 +254,16 @@ def prepare_corpus(
         "max_documents": settings.max_documents,
     }
 
-    # Pass 1: characters, documents and the character vocabulary.
+    # Pass 1: characters, documents and (for a char tokenizer to build) the character set.
     n_chars = n_docs = 0
     chars: set[str] = set()
+    char_vocabulary = isinstance(tokenizer, str) and tokenizer.partition(":")[0] == "char"
     with _bar("prepare: scanning", total_bytes, progress) as scan:
         for new, text in iter_documents(files, separator, chunk_bytes, scan.update, **read):
             n_docs += new
             n_chars += len(text)
-            chars.update(text)
+            if char_vocabulary:
+                chars.update(text)
     if n_chars == 0:
         raise DataError(f"{source} is empty; give a non-empty UTF-8 text corpus")
 
