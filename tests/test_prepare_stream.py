@@ -228,7 +228,7 @@ class CountingTokenizer(TiktokenTokenizer):
         super().__init__(encoding)
         self.calls: list[int] = []
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[np.ndarray]:
         self.calls.append(len(texts))
         return super().encode_batch(texts, num_threads)
 

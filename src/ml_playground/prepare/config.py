@@ -59,7 +59,7 @@ class PrepareConfig(Section):
         ge=0,
     )
     num_threads: int = Field(
-        description="threads for BPE encoding (tiktoken's batch API); 0: one per CPU", ge=0
+        description="threads for BPE encoding (tiktoken); 0: one per CPU", ge=0
     )
 
     @field_validator("tokenizer")

@@ -24,7 +24,6 @@ chunk size gives exactly the tokens of encoding each document in one go.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -167,11 +166,10 @@ class _BpeStream:
             return
         pieces = [piece for piece in self.pending if piece is not None]
         encoded = iter(self.tokenizer.encode_batch(pieces, self.threads) if pieces else [])
-        eot = [self.eot]
-        chunks = [eot if piece is None else next(encoded) for piece in self.pending]
-        total = sum(len(ids) for ids in chunks)
-        ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
-        self.sink.write(ids)
+        eot = np.array([self.eot], dtype=np.int64)
+        self.sink.write(
+            np.concatenate([eot if piece is None else next(encoded) for piece in self.pending])
+        )
         self.pending, self.pending_chars = [], 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -41,9 +42,9 @@ class Tokenizer(ABC):
         """The token that joins the documents of a split (None: they are concatenated)."""
         return None
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[list[int]]:
-        """Token ids of independent texts."""
-        return [self.encode(text) for text in texts]
+    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[np.ndarray]:
+        """Token ids of independent texts, an integer array each."""
+        return [np.asarray(self.encode(text), dtype=np.int64) for text in texts]
 
     def export_files(self, context: int) -> dict[str, bytes]:
         """The files beside exported weights that let `transformers` decode (none: nothing)."""
@@ -232,9 +233,21 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[list[int]]:
-        """Encode independent texts across ``num_threads`` threads (tiktoken's batch API)."""
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[np.ndarray]:
+        """Encode independent texts across ``num_threads`` threads. `encode_to_numpy` with no
+        special token allowed or disallowed is `encode_ordinary`, returned as the Rust side's
+        uint32 buffer: no Python int per token (about 15% faster than the batch API's lists)."""
+
+        def encode(text: str) -> np.ndarray:
+            return self._enc.encode_to_numpy(text, disallowed_special=())
+
+        if num_threads <= 1 or len(texts) <= 1:
+            return [encode(text) for text in texts]
+        # tiktoken releases the GIL while it encodes. New threads per batch, as tiktoken's own
+        # batch API: threads kept across batches encoded 2.3x slower here (0.80 s against
+        # 0.34 s for 40 documents of 200 KB, slower than one thread), measured, not explained.
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(encode, texts))
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
@@ -343,9 +356,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int) -> list[np.ndarray]:
         # The Rust side runs the batch on its own threads (TOKENIZERS_PARALLELISM).
-        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
