@@ -6,6 +6,7 @@ The rotation tests drive a real (tiny) `fit` in-process through the command line
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import re
@@ -241,6 +242,13 @@ def test_reference_run_writes_step_zero_every_n_and_final(reference: Reference) 
     assert steps[0] == VAL_CHECK_INTERVAL
     assert set(steps) <= {3, 6, 9}
     assert values == sorted(values, reverse=True)  # each one improves on the one before
+
+
+def test_a_fit_in_this_process_leaves_nothing_frozen(reference: Reference) -> None:
+    """`fit` hides what exists before training from the collector (`gc.freeze`, so no full
+    collection scans it mid-run) and gives it back when it returns: a caller that runs `fit`
+    in its own process keeps its garbage collectable."""
+    assert reference.last and gc.get_freeze_count() == 0
 
 
 @pytest.mark.parametrize(("keep_last", "keep_best"), [(0, 0), (2, 1)])
