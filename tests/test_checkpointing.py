@@ -29,6 +29,7 @@ from ml_playground.checkpoint_writing import GPTCheckpoint
 from ml_playground.cli import PlaygroundCLI
 from ml_playground.console import RunResult
 from ml_playground.errors import CheckpointError
+from ml_playground.hardware import NVML_CHECK
 
 MAX_STEPS = 11
 EVERY_N_STEPS = 4  # last at 0, 4, 8 and (end of training) 11
@@ -249,6 +250,12 @@ def test_a_fit_in_this_process_leaves_nothing_frozen(reference: Reference) -> No
     collection scans it mid-run) and gives it back when it returns: a caller that runs `fit`
     in its own process keeps its garbage collectable."""
     assert reference.last and gc.get_freeze_count() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the probe stays")
+def test_a_fit_without_a_gpu_drops_lightnings_nvml_probe(reference: Reference) -> None:
+    """`fit` calls `hardware.cheap_cuda_probe_without_gpus` (which Lightning's import undid)."""
+    assert reference.last and os.environ.get(NVML_CHECK) != "1"
 
 
 @pytest.mark.parametrize(("keep_last", "keep_best"), [(0, 0), (2, 1)])

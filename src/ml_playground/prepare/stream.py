@@ -255,7 +255,7 @@ def prepare_corpus(
     # Pass 1: characters, documents and (for a char tokenizer to build) the character set.
     n_chars = n_docs = 0
     chars: set[str] = set()
-    char_vocabulary = isinstance(tokenizer, str) and tokenizer.partition(":")[0] == "char"
+    char_vocabulary = tokenizer == CharTokenizer.kind  # the spec "char": built from them
     with _bar("prepare: scanning", total_bytes, progress) as scan:
         for new, text in iter_documents(files, separator, chunk_bytes, scan.update, **read):
             n_docs += new
